@@ -1,0 +1,49 @@
+"""SentencePiece binding: exact round trips (byte fallback) and the chat framing."""
+import pytest
+
+from minirlhf.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, dialogue_text
+
+CORPUS = ([dialogue_text("What does the fox eat?", "The fox eats berries.")] * 50
+          + ["Lima is in Peru. The fox eats berries and sleeps in a den."] * 100)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CORPUS, vocab_size=320)
+
+
+@pytest.mark.parametrize("text", [
+    "The fox eats berries.", "plain ASCII with  two spaces, tabs\tand\nnewlines",
+    "中文也可以：狐狸吃浆果。", "emoji 🦊🍓 mixed with text", " leading space", "",
+])
+def test_round_trip(tok, text):
+    assert tok.sp.decode(tok.encode(text)) == text
+
+
+def test_unseen_characters_use_byte_tokens_not_unk(tok):
+    ids = tok.encode("狐狸")
+    assert tok.unk_id not in ids
+    assert len(ids) >= 6  # two 3-byte characters, none in the vocabulary
+
+
+def test_special_ids(tok):
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (PAD_ID, BOS_ID, EOS_ID)
+    assert tok.decode([BOS_ID] + tok.encode("The fox") + [EOS_ID] + tok.encode(" junk") + [PAD_ID]) == "The fox"
+
+
+def test_framing_masks_exactly_the_response(tok):
+    ids, mask = tok.frame("What does the fox eat?", "The fox eats berries.")
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID and len(ids) == len(mask)
+    n_prompt = mask.index(1)
+    assert set(mask[:n_prompt]) == {0} and set(mask[n_prompt:]) == {1}
+    assert tok.sp.decode(ids[1:n_prompt]) == "User: What does the fox eat?\nAssistant:"
+    assert tok.sp.decode(ids[n_prompt:-1]) == " The fox eats berries."
+    # framed tokens are the tokens of the same dialogue as it appears in the corpus
+    assert ids[1:-1] == tok.encode(dialogue_text("What does the fox eat?", "The fox eats berries."))
+    assert ids[:n_prompt] == tok.prompt_ids("What does the fox eat?")
+
+
+def test_save_load(tok, tmp_path):
+    tok.save(tmp_path / "tokenizer.model")
+    again = Tokenizer.load(tmp_path)
+    assert again.encode("The fox 中") == tok.encode("The fox 中")
