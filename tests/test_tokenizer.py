@@ -37,7 +37,8 @@ def test_framing_masks_exactly_the_response(tok):
     n_prompt = mask.index(1)
     assert set(mask[:n_prompt]) == {0} and set(mask[n_prompt:]) == {1}
     assert tok.sp.decode(ids[1:n_prompt]) == "User: What does the fox eat?\nAssistant:"
-    assert tok.sp.decode(ids[n_prompt:-1]) == " The fox eats berries."
+    assert tok.sp.decode(ids[n_prompt:-1]) == "The fox eats berries."
+    assert tok.sp.id_to_piece(ids[n_prompt]).startswith("▁"), "the space after 'Assistant:' opens the response"
     # framed tokens are the tokens of the same dialogue as it appears in the corpus
     assert ids[1:-1] == tok.encode(dialogue_text("What does the fox eat?", "The fox eats berries."))
     assert ids[:n_prompt] == tok.prompt_ids("What does the fox eat?")
