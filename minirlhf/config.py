@@ -26,6 +26,11 @@ class TaskConfig:
     n_ppo_prompts: int = knob(2000, "PPO training prompts")
     n_eval_prompts: int = knob(256, "held-out evaluation prompts, disjoint from all training prompts")
     annotator_noise: float = knob(0.5, "scale of the Gumbel (Plackett-Luce) noise in the annotator's rankings")
+    n_sft_heldout: int = knob(200, "held-out demonstrations (prompts disjoint from the SFT set) for SFT validation loss")
+    n_corpus_heldout: int = knob(500, "held-out corpus documents for perplexity")
+    demo_wrong: float = knob(0.10, "fraction of demonstrations that state a wrong value")
+    demo_off_form: float = knob(0.15, "fraction of demonstrations that ignore the requested form")
+    demo_filler: float = knob(0.25, "fraction of demonstrations padded with filler ('Sure! ...', 'I hope this helps!')")
 
 
 @dataclass(frozen=True)
