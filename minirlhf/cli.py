@@ -1,0 +1,185 @@
+"""The command line: `python -m minirlhf <command>`.
+
+Every RunConfig field is an option `--<section>.<field> VALUE`, grouped by section in
+--help with its help text and the `quick` preset's default. A user mistake (bad option,
+bad value, bad data file) prints one line `error: ...` and exits 2; a traceback means a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from . import config as C
+
+COMMANDS = {
+    "train": "the whole pipeline: pretrain -> SFT -> rankings -> RM -> PPO -> evaluation + report",
+    "pretrain": "stage 1 only: tokenizer + base model on the corpus",
+    "sft": "stage 2 only: supervised fine-tuning of a base checkpoint (--from DIR)",
+    "rm": "stage 3 only: rankings of SFT samples + reward model (--from SFT_DIR)",
+    "ppo": "stage 4 only: PPO of an SFT policy against a reward model (--from SFT_DIR --rm RM_DIR)",
+    "eval": "score checkpoints on the held-out prompts: gold, RM, KL to a reference",
+    "generate": "sample responses from any checkpoint",
+    "data": "`data export DIR`: write the embedded task as JSONL files",
+}
+
+
+RUN_COMMANDS = ("train", "pretrain", "sft", "rm", "ppo", "eval")
+
+
+class UserError(ValueError):
+    """A mistake in the command line; reported in one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", choices=sorted(C.PRESETS),
+                   help="starting configuration: tiny (tests, seconds), quick (2 CPU cores, ~15 min), gpu (~100M params)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue a stage killed mid-way from its last checkpoint")
+    defaults = C.PRESETS["quick"]()
+    top = p.add_argument_group("run")
+    for f in dataclasses.fields(C.RunConfig):
+        if f.name in C.SECTIONS:
+            continue
+        flag = "--skip-sft" if f.name == "skip_sft" else f"--{f.name}"
+        top.add_argument(flag, dest=f"cfg:{f.name}", default=argparse.SUPPRESS, metavar=C._field_type(f).__name__.upper(),
+                         help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)})",
+                         **({"nargs": "?", "const": "true"} if f.name == "skip_sft" else {}))
+    for section in C.SECTIONS:
+        sub = getattr(defaults, section)
+        group = p.add_argument_group(section, (type(sub).__doc__ or "").strip())
+        for f in dataclasses.fields(sub):
+            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", default=argparse.SUPPRESS,
+                               metavar=C._field_type(f).__name__.upper(),
+                               help=f"{f.metadata['help']} (default: {getattr(sub, f.name)})")
+
+
+def resolve_config(args) -> C.RunConfig:
+    cfg = C.PRESETS[args.preset]()
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    return C.apply_overrides(cfg, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="minirlhf", description="RLHF from scratch: pretrain -> SFT -> reward model -> PPO.",
+                epilog="`python -m minirlhf COMMAND --help` lists every option of a command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help in COMMANDS.items():
+        fmt = argparse.ArgumentDefaultsHelpFormatter if name in ("generate", "data") else argparse.HelpFormatter
+        usage = f"minirlhf {name} [options] [--SECTION.FIELD VALUE ...]" if name in RUN_COMMANDS else None
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=fmt, usage=usage)
+        if name in RUN_COMMANDS:
+            _add_run_options(sp)
+        if name in ("sft", "rm", "ppo"):
+            sp.add_argument("--from", dest="from_dir", required=True, help="checkpoint directory of the previous stage")
+        if name == "ppo":
+            sp.add_argument("--rm", dest="rm_dir", required=True, help="reward model checkpoint directory")
+        if name == "eval":
+            sp.add_argument("--ckpt", action="append", required=True, help="checkpoint to score (repeatable)")
+            sp.add_argument("--ref", default=None, help="reference checkpoint for KL (default: the first --ckpt)")
+            sp.add_argument("--rm-ckpt", default=None, help="reward model checkpoint to score with (optional)")
+        if name == "generate":
+            sp.add_argument("--ckpt", required=True, help="checkpoint directory of any stage")
+            sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+            sp.add_argument("--n", type=int, default=1, help="samples per prompt")
+            sp.add_argument("--max-new-tokens", type=int, default=48)
+            sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+            sp.add_argument("--top-k", type=int, default=0, help="0 = off")
+            sp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+            sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
+        if name == "data":
+            sp.add_argument("action", choices=["export"])
+            sp.add_argument("dir", help="output directory")
+            sp.add_argument("--preset", default="quick", choices=sorted(C.PRESETS))
+            sp.add_argument("--seed", type=int, default=None, help="task seed (default: the preset's)")
+    return p
+
+
+def _run_dir(args, cfg: C.RunConfig) -> Path:
+    run_dir = Path(args.out or f"runs/{args.preset}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _announce(cfg: C.RunConfig, run_dir: Path) -> None:
+    """Print the resolved config and save it with the run."""
+    resolved = json.dumps(C.to_dict(cfg), indent=1)
+    print(f"[config] run dir {run_dir}; resolved config:\n{resolved}")
+    (run_dir / "config.json").write_text(resolved)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import checkpoint
+    from .generate import generate
+    from .tokenizer import BOS_ID
+
+    tokenizer = checkpoint.load_tokenizer(args.ckpt)
+    model = checkpoint.load_model_from(args.ckpt).eval()
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    ids = [[BOS_ID] + tokenizer.encode(p) if args.raw else tokenizer.prompt_ids(p) for p in prompts]
+    gen = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=torch.Generator().manual_seed(args.seed))
+    for p, toks in zip(prompts, gen.tokens):
+        print(f"### {p}\n{tokenizer.decode(toks)}\n")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import build_task, export_task
+
+    cfg = C.PRESETS[args.preset]()
+    task_cfg = cfg.task if args.seed is None else dataclasses.replace(cfg.task, seed=args.seed)
+    export_task(build_task(task_cfg), args.dir)
+    print(f"[data] wrote the embedded task ({args.preset} preset, seed {task_cfg.seed}) as JSONL to {args.dir}")
+    return 0
+
+
+def cmd_stages(args) -> int:
+    from . import pipeline
+
+    cfg = resolve_config(args)
+    run_dir = _run_dir(args, cfg)
+    _announce(cfg, run_dir)
+    if args.command == "train":
+        pipeline.run_train(cfg, run_dir, resume=args.resume)
+    elif args.command == "eval":
+        pipeline.run_eval_command(cfg, run_dir, args.ckpt, ref=args.ref, rm=args.rm_ckpt)
+    else:
+        pipeline.run_one_stage(args.command, cfg, run_dir, resume=args.resume,
+                               from_dir=getattr(args, "from_dir", None), rm_dir=getattr(args, "rm_dir", None))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "data":
+            return cmd_data(args)
+        return cmd_stages(args)
+    except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e.filename}: no such file", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are kept; rerun with --resume to continue the current one",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,131 @@
+"""The end of a run: evaluate each stage, write report.md, PNG plots and summary.json.
+
+summary.json (keys documented in the README) holds the numbers a script compares runs
+by; report.md shows the same numbers with plots and sample responses for a person.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import RunConfig
+from .device import resolve_device
+from .evaluate import evaluate_policy
+from .metrics import read_metrics
+
+
+def evaluate_checkpoints(cfg: RunConfig, checkpoints: dict[str, Path], *, rm_dir, ref_dir, inputs) -> dict:
+    """Each checkpoint on all held-out prompts: gold ± SE, RM score, KL to ref, held-out perplexity."""
+    from .stages.pretrain import stream_loss, token_stream
+
+    device = resolve_device(cfg.device)
+    ec = cfg.eval
+    tokenizer = checkpoint.load_tokenizer(ref_dir)
+    rm = checkpoint.load_model_from(rm_dir, device=device).eval() if rm_dir else None
+    ref = checkpoint.load_model_from(ref_dir, device=device).eval()
+    heldout = token_stream(tokenizer, inputs.corpus_heldout)
+    seq_len = min(cfg.pretrain.seq_len, cfg.model.max_seq_len)
+    results = {}
+    for name, d in checkpoints.items():
+        t0 = time.time()
+        model = checkpoint.load_model_from(d, device=device).eval()
+        r = evaluate_policy(model, tokenizer, inputs.eval_prompts, gold_score=inputs.gold_score, rm=rm, ref=ref,
+                            max_new_tokens=ec.max_new_tokens, temperature=ec.temperature,
+                            batch_size=ec.batch_size, seed=cfg.seed)
+        r["heldout_ppl"] = math.exp(stream_loss(model, heldout, seq_len, 64, 32, device))
+        r["wall_s"] = round(time.time() - t0, 1)
+        results[name] = r
+        gold = f"gold {r['gold_mean']:.3f} ± {r['gold_se']:.3f}, " if "gold_mean" in r else ""
+        print(f"[eval] {name}: {gold}RM {r.get('rm_mean', float('nan')):.3f}, KL to ref {r['kl_mean']:.2f}, "
+              f"perplexity {r['heldout_ppl']:.2f}")
+    return results
+
+
+def _plot_gold(evals: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in evals if "gold_mean" in evals[n]]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar(names, [evals[n]["gold_mean"] for n in names], yerr=[evals[n]["gold_se"] for n in names], capsize=6,
+           color=["#999999", "#4c72b0", "#dd8452"][:len(names)])
+    ax.set_ylabel("gold score (mean ± SE)")
+    ax.set_title("held-out prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_ppo(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("rm/score/mean", "RM score"), ("gold/score/mean", "gold score (held-out)"),
+              ("ppo/kl_to_ref", "KL to reference (nats/response)"), ("ppo/kl_coef", "KL coefficient β")]
+    fig, axes = plt.subplots(2, 2, figsize=(8, 5.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO iteration", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm_dir, wall: dict,
+                 total_wall: float) -> dict:
+    run_dir = Path(run_dir)
+    rm_info = checkpoint.read_meta(rm_dir)["info"] if rm_dir else {}
+    summary = {
+        "gold": {n: {"mean": e.get("gold_mean"), "se": e.get("gold_se")} for n, e in evals.items()},
+        "rm_score": {n: e.get("rm_mean") for n, e in evals.items()},
+        "kl_to_ref": {n: e.get("kl_mean") for n, e in evals.items()},
+        "heldout_ppl": {n: e["heldout_ppl"] for n, e in evals.items()},
+        "response_len": {n: e["response_len"] for n, e in evals.items()},
+        "rm_accuracy": {"vs_annotator": rm_info.get("acc_vs_labels"), "vs_gold": rm_info.get("acc_vs_gold")},
+        "final_kl_to_ref": evals.get("ppo", {}).get("kl_mean"),
+        "eval_prompts": next(iter(evals.values()))["n"] if evals else 0,
+        "wall_s": {**wall, "total": round(total_wall, 1)},
+        "device": str(resolve_device(cfg.device)),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_gold(evals, run_dir / "gold_by_stage.png")
+    _plot_ppo(read_metrics(run_dir, "ppo"), run_dir / "ppo_curves.png")
+
+    lines = ["# minirlhf run report", "",
+             f"{summary['eval_prompts']} held-out prompts, one sample each (temperature {cfg.eval.temperature}); "
+             f"KL is Σ_t log π − log π_ref over the sampled response, reference = SFT.", "",
+             "| stage | gold (mean ± SE) | RM score | KL to ref | response length | held-out perplexity |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n, e in evals.items():
+        gold = f"{_fmt(e.get('gold_mean'))} ± {_fmt(e.get('gold_se'))}" if "gold_mean" in e else "n/a"
+        lines.append(f"| {n} | {gold} | {_fmt(e.get('rm_mean'))} | {_fmt(e.get('kl_mean'), 2)} | "
+                     f"{e['response_len']:.1f} | {e['heldout_ppl']:.2f} |")
+    acc = summary["rm_accuracy"]
+    lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(acc['vs_annotator'])} against the annotator's "
+              f"rankings, {_fmt(acc['vs_gold'])} against the gold function.", "",
+              "![gold by stage](gold_by_stage.png)", "", "## PPO", "", "![PPO curves](ppo_curves.png)", "",
+              "## Wall time (s)", "", "| " + " | ".join(summary["wall_s"]) + " |",
+              "|" + " --- |" * len(summary["wall_s"]), "| " + " | ".join(str(v) for v in summary["wall_s"].values()) + " |",
+              "", "## Samples", ""]
+    for i in range(min(cfg.eval.samples_shown, len(prompts))):
+        lines += [f"**{prompts[i]}**", "", "| stage | response |", "| --- | --- |"]
+        for n, e in evals.items():
+            lines.append(f"| {n} | {e['responses'][i].replace('|', '/').replace(chr(10), ' ')} |")
+        lines.append("")
+    (run_dir / "report.md").write_text("\n".join(lines))
+    return summary

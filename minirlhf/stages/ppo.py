@@ -1,0 +1,270 @@
+"""Stage 4 — PPO against the frozen reward model, with a per-token KL penalty to the SFT policy.
+
+One iteration (Ouyang et al. 2022 §3.5; Ziegler et al. 2019; Stiennon et al. 2020):
+
+  1. rollout    sample a batch of prompts; the policy answers them (KV-cache generation)
+  2. score      the frozen RM scores each response; the policy (old), the frozen
+                reference (SFT) and the critic give per-token log-probs and values
+  3. rewards    r_t = −β · (log π_old − log π_ref)_t  on every response token,
+                + RM score (+ no-EOS penalty) on the last one
+  4. GAE        advantages A_t with GAE(γ, λ), returns = A_t + V_t, whitened advantages
+  5. update     ppo_epochs passes over shuffled minibatches: clipped surrogate, clipped
+                value loss, optional entropy bonus; stop early when approx-KL is too big
+  6. β          the adaptive KL controller moves β towards the target KL
+
+The gold function is never used here: PPO sees only the learned RM, as with human
+labellers. `evaluate` (a callback) may score held-out prompts with gold to draw curves.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, optim
+from ..config import PPOConfig, RunConfig
+from ..device import autocast, resolve_device
+from ..generate import generate
+from ..logprobs import response_logits, response_logprobs, response_values, token_logprobs
+from ..metrics import Metrics, progress
+from ..model import Transformer
+from .rm import scores
+
+STAGE = "ppo"
+
+
+# ---------------------------------------------------------------- KL controllers
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, §2.2: β ← β · (1 + K_β · e_t), e_t = clip(KL_t / KL_target − 1, −0.2, 0.2),
+    with K_β = n_steps / horizon (n_steps = rollouts in this iteration)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+def kl_controller(pc: PPOConfig):
+    if pc.adaptive_kl:
+        return AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    return FixedKLController(pc.kl_coef)
+
+
+# ---------------------------------------------------------------- rollout bookkeeping (torch)
+def assemble_rewards(old_logprobs, ref_logprobs, score, mask, kl_coef: float, *, hit_max=None,
+                     no_eos_penalty: float = 0.0, reward_clip: float = 0.0):
+    """Per-token rewards (B, R): −β·KL_t everywhere, plus the RM score at each response's last token."""
+    kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate log π_old − log π_ref
+    rewards = -kl_coef * kl
+    if reward_clip > 0:
+        score = score.clamp(-reward_clip, reward_clip)
+    if hit_max is not None:
+        score = score + no_eos_penalty * hit_max.float()  # penalise responses cut off without EOS
+    last = mask.long().sum(1) - 1
+    rewards[torch.arange(len(score)), last] += score
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016), per sequence, backwards in time.
+
+    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1}; V and A are 0 after the last token."""
+    B, R = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, device=rewards.device)
+    next_adv = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(R)):
+        m = mask[:, t].float()
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * m
+        next_value = values[:, t] * m
+        next_adv = adv[:, t]
+    return adv, (adv + values) * mask
+
+
+def whiten(x, mask, shift_mean: bool = True):
+    """Advantage whitening over valid tokens: (x − mean) / std (unbiased variance)."""
+    m = mask.float()
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+# ---------------------------------------------------------------- the losses
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(logits, labels, old_logprobs, advantages, mask, clip_eps: float, entropy_coef: float):
+    """The clipped surrogate objective (Schulman et al. 2017, eq. 7), negated, token-mean."""
+    logp = token_logprobs(logits, labels)
+    ratio = torch.exp(logp - old_logprobs)
+    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    logp_all = torch.log_softmax(logits.float(), -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    loss = masked_mean(pg, mask) - entropy_coef * masked_mean(entropy, mask)
+    with torch.no_grad():
+        log_ratio = logp - old_logprobs
+        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
+                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3 of π_old vs π
+                 "entropy": masked_mean(entropy, mask)}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, value_clip: float):
+    """Clipped value loss (as in OpenAI baselines' PPO2): max of the plain and clipped squared errors."""
+    err = (values - returns) ** 2
+    if value_clip > 0:
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        err = torch.max(err, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(err, mask)
+
+
+# ---------------------------------------------------------------- the stage
+def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], metrics: Metrics,
+            evaluate=None, resume: bool = False) -> Path:
+    """Optimise the SFT policy against the RM; returns the PPO checkpoint directory.
+
+    evaluate(policy) -> dict, optional: called every eval_every iterations (gold curves)."""
+    out_dir, pc = Path(out_dir), cfg.ppo
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    if not prompts:
+        raise ValueError("ppo: no training prompts")
+    tokenizer = checkpoint.load_tokenizer(sft_dir)
+    resuming = resume and checkpoint.exists(out_dir)
+    policy = checkpoint.load_model_from(out_dir if resuming else sft_dir, device=device)
+    reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
+    reward_model = checkpoint.load_model_from(rm_dir, device=device).eval().requires_grad_(False)
+    # The critic starts as a copy of the RM (InstructGPT): its trunk already reads how good a
+    # response is and its head already outputs the reward's scale, so the first value estimates
+    # are near the returns and the first advantages are not dominated by critic error.
+    critic = checkpoint.load_model_from(out_dir if resuming else rm_dir, name="critic" if resuming else "model",
+                                        device=device)
+    policy_opt = optim.make_optimizer(policy, pc.lr, 0.0)
+    critic_opt = optim.make_optimizer(critic, pc.critic_lr, 0.0)
+    kl_ctl = kl_controller(pc)
+    iteration = 0
+    if resuming:
+        state = checkpoint.load_state(out_dir)
+        policy_opt.load_state_dict(state["optimizer"])
+        critic_opt.load_state_dict(state["critic_optimizer"])
+        kl_ctl.value = state["kl_coef"]
+        checkpoint.set_rng_state(state["rng"])
+        iteration = state["step"]
+
+    def save(finished: bool, info=None):
+        checkpoint.save(out_dir, stage=STAGE, model=policy, tokenizer=tokenizer, step=iteration, finished=finished,
+                        extra_models={"critic": critic}, info=info,
+                        state={"optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+                               "kl_coef": kl_ctl.value})
+
+    print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts")
+    bar = progress(pc.iterations, "ppo", initial=iteration)
+    last_eval: dict = {}
+    while iteration < pc.iterations:
+        it_rng = random.Random(cfg.seed * 1_000_003 + iteration)  # the same batch again after a resume
+        batch_prompts = [prompts[it_rng.randrange(len(prompts))] for _ in range(pc.batch_size)]
+
+        # 1. rollout ---------------------------------------------------------------
+        policy.eval()
+        gen = generate(policy, [tokenizer.prompt_ids(p) for p in batch_prompts], max_new_tokens=pc.max_new_tokens,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=pc.temperature,
+                       generator=torch.Generator(device=device).manual_seed(cfg.seed + iteration))
+        tokens, attn = gen.full()
+        P, mask = gen.prompt_tokens.size(1), gen.mask.float()
+        labels = gen.tokens
+
+        # 2. score: RM at the last token, old/ref log-probs and values per token -------
+        with torch.no_grad(), autocast(device):
+            last = attn.long().sum(1) - 1
+            rm_score = scores(reward_model, tokens, attn, last)
+            old_logprobs = response_logprobs(policy, tokens, attn, P, pc.temperature) * mask
+            ref_logprobs = response_logprobs(reference, tokens, attn, P, pc.temperature) * mask
+            old_values = response_values(critic, tokens, attn, P) * mask
+
+        # 3. rewards: KL penalty per token + RM score at the end ----------------------
+        rewards, kl = assemble_rewards(old_logprobs, ref_logprobs, rm_score, mask, kl_ctl.value,
+                                       hit_max=gen.hit_max, no_eos_penalty=pc.no_eos_penalty,
+                                       reward_clip=pc.reward_clip)
+        # 4. GAE, returns, advantage whitening ------------------------------------------
+        advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
+        if pc.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        # 5. PPO epochs over shuffled minibatches ----------------------------------------
+        policy.train()
+        critic.train()
+        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "approx_kl", "clipfrac", "entropy")}
+        early_stop = False
+        perm_gen = torch.Generator().manual_seed(cfg.seed + iteration)
+        for _ in range(pc.ppo_epochs):
+            perm = torch.randperm(pc.batch_size, generator=perm_gen)
+            for start in range(0, pc.batch_size, pc.minibatch_size):
+                idx = perm[start:start + pc.minibatch_size].to(device)
+                mb_tokens, mb_attn, mb_mask = tokens[idx], attn[idx], mask[idx]
+                with autocast(device):
+                    logits = response_logits(policy, mb_tokens, mb_attn, P)
+                    if pc.temperature != 1.0:
+                        logits = logits / pc.temperature
+                    pl, ps = policy_loss(logits, labels[idx], old_logprobs[idx], advantages[idx], mb_mask,
+                                         pc.clip_eps, pc.entropy_coef)
+                    values = response_values(critic, mb_tokens, mb_attn, P)
+                    vl = value_loss(values, old_values[idx], returns[idx], mb_mask, pc.value_clip)
+                optim.step(policy_opt, policy, pl, pc.grad_clip)
+                optim.step(critic_opt, critic, vl, pc.grad_clip)
+                for k, v in (("policy", pl), ("value", vl), *ps.items()):
+                    stats[k].append(float(v.detach()))
+                if ps["approx_kl"] > pc.max_approx_kl:
+                    early_stop = True  # the policy moved too far from the one that collected the data
+                    break
+            if early_stop:
+                break
+
+        # 6. adaptive KL coefficient -------------------------------------------------------
+        kl_per_response = kl.sum(1).mean().item()
+        kl_ctl.update(kl_per_response, pc.batch_size)
+        iteration += 1
+
+        row = {"ppo/loss/policy": _mean(stats["policy"]), "ppo/loss/value": _mean(stats["value"]),
+               "ppo/approx_kl": _mean(stats["approx_kl"]), "ppo/clipfrac": _mean(stats["clipfrac"]),
+               "ppo/entropy": _mean(stats["entropy"]), "ppo/kl_to_ref": kl_per_response,
+               "ppo/kl_coef": kl_ctl.value, "ppo/returns/mean": masked_mean(returns, mask).item(),
+               "ppo/advantages/mean": masked_mean(advantages, mask).item(),
+               "ppo/response_len": gen.lengths.float().mean().item(), "ppo/early_stop": float(early_stop),
+               "rm/score/mean": rm_score.mean().item()}
+        if evaluate is not None and pc.eval_every and (iteration % pc.eval_every == 0 or iteration == pc.iterations):
+            last_eval = evaluate(policy)
+            row["gold/score/mean"] = last_eval["gold_mean"]
+        metrics.log(STAGE, iteration, **row)
+        bar.set_postfix(rm=f"{row['rm/score/mean']:.2f}", kl=f"{kl_per_response:.2f}", beta=f"{kl_ctl.value:.3f}",
+                        **({"gold": f"{last_eval['gold_mean']:.3f}"} if last_eval else {}))
+        bar.update(1)
+        if iteration % 10 == 0 and iteration < pc.iterations:
+            save(finished=False)
+    bar.close()
+    info = {"iterations": iteration, "kl_coef": kl_ctl.value, "wall_s": round(time.time() - t0, 1)}
+    save(finished=True, info=info)
+    print(f"[ppo] done in {info['wall_s']:.0f}s -> {out_dir}")
+    return out_dir
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
