@@ -1,7 +1,8 @@
 """JSONL data files: read and validate everything before any compute starts.
 
 One JSON object per line, UTF-8; blank lines are skipped and fields not named here
-are ignored (ids, metadata). Every string named here must be non-empty.
+are ignored (ids, metadata). Texts, prompts and demonstrations must be non-empty; a
+response in a preference row may be "" (a sampled policy can answer nothing at all).
 
     corpus       {"text": str}
     sft          {"prompt": str, "response": str}
@@ -83,7 +84,7 @@ class _Row:
     def has(self, key: str) -> bool:
         return key in self.obj
 
-    def text(self, key: str, value: Any = _FROM_ROW, label: str | None = None) -> str:
+    def text(self, key: str, value: Any = _FROM_ROW, label: str | None = None, empty_ok: bool = False) -> str:
         label = label or key
         if value is _FROM_ROW:
             if key not in self.obj:
@@ -91,13 +92,14 @@ class _Row:
             value = self.obj[key]
         if not isinstance(value, str):
             raise self.error(label, f"expected a string, got {_json_type(value)}")
-        if not value.strip():
+        if not empty_ok and not value.strip():
             raise self.error(label, "empty string")
         return value
 
     def ints(self, key: str) -> list[int]:
         value = self.obj[key]
-        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # JSON true is no index
+        if not isinstance(value, list) or not all(map(is_int, value)):
             raise self.error(key, f"expected an array of integers, got {_show(value)}")
         return value
 
@@ -109,7 +111,7 @@ class _Row:
             raise self.error("responses", f"expected an array of strings, got {_json_type(value)}")
         if not K_MIN <= len(value) <= K_MAX:
             raise self.error("responses", f"{len(value)} given, expected {K_MIN} to {K_MAX}")
-        return [self.text("responses", r, f"responses[{i}]") for i, r in enumerate(value)]
+        return [self.text("responses", r, f"responses[{i}]", empty_ok=True) for i, r in enumerate(value)]
 
 
 def _rows(path: str | os.PathLike) -> Iterator[_Row]:
@@ -158,7 +160,8 @@ def _comparison(row: _Row) -> Comparison:
     if row.has("chosen") or row.has("rejected"):
         if row.has("responses"):
             raise row.error("responses", "give either chosen/rejected or responses, not both")
-        return Comparison(prompt, [row.text("chosen"), row.text("rejected")], [(0, 1)])
+        chosen, rejected = row.text("chosen", empty_ok=True), row.text("rejected", empty_ok=True)
+        return Comparison(prompt, [chosen, rejected], [(0, 1)])
     responses = row.responses()
     k = len(responses)
     if row.has("ranking") and row.has("ratings"):

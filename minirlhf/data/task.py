@@ -36,7 +36,8 @@ class Task:
         try:
             return self.specs[prompt.strip()]
         except KeyError:
-            raise ValueError(f"prompt is not one of this task's prompts: {prompt!r}") from None
+            raise ValueError(f"gold: prompt is not one of the embedded task's prompts (the gold function "
+                             f"and the simulated annotator know only those): {prompt!r}") from None
 
     def gold_breakdown(self, prompt: str, response: str) -> dict[str, float]:
         """Criteria of the gold score: {"correct", "form", "concise", "gold"} (see gold.py)."""

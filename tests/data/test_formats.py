@@ -33,12 +33,14 @@ def test_round_trip(tmp_path):
         {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
         {"prompt": "p", "responses": ["a", "b", "c", "d"], "ratings": [3, 7, 3, 1]},
         {"prompt": "p", "responses": ["a", "b"], "ratings": [5, 5]},   # all tied: dropped
+        {"prompt": "p", "chosen": "a", "rejected": ""},                # a sampled policy may answer nothing
     ]
     write_jsonl(tmp_path / "prefs.jsonl", rows)
     assert read_preferences(tmp_path / "prefs.jsonl") == [
         Comparison("p", ["good", "bad"], [(0, 1)]),
         Comparison("p", ["a", "b", "c"], [(2, 0), (2, 1), (0, 1)]),
         Comparison("p", ["a", "b", "c", "d"], [(0, 3), (1, 0), (1, 2), (1, 3), (2, 3)]),
+        Comparison("p", ["a", ""], [(0, 1)]),
     ]
 
 
@@ -79,7 +81,8 @@ def test_ranking_gives_all_pairs(tmp_path):
      read_preferences, "1: responses: 10 given, expected 2 to 9"),
     ('{"prompt": "p", "responses": ["a", 5], "ranking": [0, 1]}', read_preferences,
      "1: responses[1]: expected a string, got number"),
-    ('{"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}', read_preferences, "1: responses[1]: empty string"),
+    ('{"prompt": "p", "responses": ["a", null], "ranking": [0, 1]}', read_preferences,
+     "1: responses[1]: expected a string, got null"),
     ('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}', read_preferences,
      "1: ranking: [0, 0] is not a permutation of 0..1"),
     ('{"prompt": "p", "responses": ["a", "b"], "ranking": [1, 2]}', read_preferences,

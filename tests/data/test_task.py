@@ -95,7 +95,7 @@ def test_world_value_words_are_disjoint_single_words():
 
 
 def test_unknown_prompt_and_bad_config_raise(task):
-    with pytest.raises(ValueError, match="not one of this task's prompts"):
+    with pytest.raises(ValueError, match="not one of the embedded task's prompts"):
         task.gold_score("What is the meaning of life?", "42")
     with pytest.raises(ValueError, match="task.base_alignment"):
         build_task(dataclasses.replace(SMALL, base_alignment=1.5))
