@@ -48,7 +48,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class PretrainConfig:
     """Stage 1: next-token prediction on the corpus."""
-    steps: int = knob(1500, "optimizer steps")
+    steps: int = knob(600, "optimizer steps")
     batch_size: int = knob(32, "sequences per step")
     seq_len: int = knob(128, "tokens per training sequence (windows of the packed corpus)")
     lr: float = knob(3e-3, "peak learning rate (AdamW)")
@@ -56,9 +56,9 @@ class PretrainConfig:
     warmup_steps: int = knob(50, "linear warmup steps")
     weight_decay: float = knob(0.1, "AdamW weight decay on matrices")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this")
-    eval_every: int = knob(250, "steps between held-out loss evaluations")
+    eval_every: int = knob(100, "steps between held-out loss evaluations")
     eval_batches: int = knob(8, "batches of held-out text per evaluation")
-    save_every: int = knob(500, "steps between resume checkpoints")
+    save_every: int = knob(200, "steps between resume checkpoints")
 
 
 @dataclass(frozen=True)

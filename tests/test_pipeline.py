@@ -1,0 +1,179 @@
+"""End to end on the tiny preset: artefacts, skipping finished stages, resume, user errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf import checkpoint
+from minirlhf.cli import main
+from minirlhf.config import PRESETS, apply_overrides
+from minirlhf.pipeline import load_inputs, run_train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = run_train(PRESETS["tiny"](), run_dir)
+    return run_dir, summary
+
+
+def test_train_writes_every_artefact(tiny_run):
+    run_dir, summary = tiny_run
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        meta = checkpoint.read_meta(run_dir / stage)
+        assert meta["finished"] and meta["stage"] == stage
+        for f in ("model.safetensors", "config.json", "tokenizer.model", "state.pt"):
+            assert (run_dir / stage / f).exists()
+    assert (run_dir / "ppo" / "critic.safetensors").exists()
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert set(on_disk["gold"]) == {"base", "sft", "ppo"}
+    for stage in ("base", "sft", "ppo"):
+        assert -4 <= on_disk["gold"][stage]["mean"] <= 4 and on_disk["gold"][stage]["se"] >= 0
+    assert 0 <= on_disk["rm_accuracy"]["vs_annotator"] <= 1
+    report = (run_dir / "report.md").read_text()
+    assert "| ppo |" in report and "gold_by_stage.png" in report
+    for png in ("gold_by_stage.png", "ppo_curves.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (run_dir / "preferences.jsonl").read_text().splitlines()]
+    assert len(rows) == PRESETS["tiny"]().task.n_rm_prompts
+    assert all(sorted(r["ranking"]) == list(range(3)) for r in rows)
+    ppo_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if '"ppo"' in line]
+    for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy",
+                "ppo/kl_to_ref", "ppo/kl_coef", "ppo/returns/mean", "ppo/advantages/mean", "ppo/response_len",
+                "rm/score/mean", "gold/score/mean"):
+        assert key in ppo_rows[-1], key
+
+
+def test_rerun_skips_finished_stages(tiny_run, capsys):
+    run_dir, _ = tiny_run
+    before = {s: (run_dir / s / "model.safetensors").stat().st_mtime_ns for s in ("pretrain", "sft", "rm", "ppo")}
+    run_train(PRESETS["tiny"](), run_dir)
+    out = capsys.readouterr().out
+    for s in ("pretrain", "sft", "rm", "ppo"):
+        assert f"[{s}] finished earlier, kept" in out
+        assert (run_dir / s / "model.safetensors").stat().st_mtime_ns == before[s]
+
+
+def test_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Kill pretraining right after its first resume checkpoint, resume: same weights as one unbroken run."""
+    cfg = apply_overrides(PRESETS["tiny"](), {"pretrain.steps": "12", "pretrain.save_every": "5"})
+    from minirlhf.stages.pretrain import run_pretrain
+    from minirlhf.metrics import Metrics
+
+    inputs = load_inputs(cfg)
+    whole = run_pretrain(cfg, tmp_path / "whole", corpus=inputs.corpus, corpus_heldout=inputs.corpus_heldout,
+                         metrics=Metrics(tmp_path))
+    real_save = checkpoint.save
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        if not kw["finished"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    torch.manual_seed(123)  # a different global RNG state: resume must restore its own
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(cfg, tmp_path / "killed", corpus=inputs.corpus, corpus_heldout=inputs.corpus_heldout,
+                     metrics=Metrics(tmp_path))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert checkpoint.read_meta(tmp_path / "killed") == {**checkpoint.read_meta(tmp_path / "killed"), "step": 5,
+                                                          "finished": False}
+    with pytest.raises(ValueError, match="--resume"):
+        from minirlhf.pipeline import stage
+        stage("pretrain", tmp_path / "killed", lambda r: None, resume=False, wall={})
+    run_pretrain(cfg, tmp_path / "killed", corpus=inputs.corpus, corpus_heldout=inputs.corpus_heldout,
+                 metrics=Metrics(tmp_path), resume=True)
+    a = checkpoint.load_model_from(whole).state_dict()
+    b = checkpoint.load_model_from(tmp_path / "killed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_loadable(tiny_run, tmp_path, monkeypatch):
+    run_dir, _ = tiny_run
+    model = checkpoint.load_model_from(run_dir / "sft")
+    tok = checkpoint.load_tokenizer(run_dir / "sft")
+    target = tmp_path / "ckpt"
+    checkpoint.save(target, stage="sft", model=model, tokenizer=tok, step=1, finished=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def half_written(path, data):  # dies after writing part of a file of the new checkpoint
+        open(path, "wb").write(b"garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tok), "save", lambda self, path: half_written(path, None))
+    with pytest.raises(OSError):
+        checkpoint.save(target, stage="sft", model=model, tokenizer=tok, step=2, finished=False)
+    assert checkpoint.read_meta(target)["step"] == 1
+    again = checkpoint.load_model_from(target)
+    assert not torch.equal(again.embed.weight, model.embed.weight)
+
+    # a crash between the two renames: only <dir>.old holds a checkpoint, and it still loads
+    monkeypatch.undo()
+    (target).rename(tmp_path / "ckpt.old")
+    assert checkpoint.read_meta(target)["step"] == 1
+    assert checkpoint.load_tokenizer(target).encode("fox")
+
+
+def test_ppo_never_calls_the_gold_function(tiny_run, tmp_path, monkeypatch):
+    """PPO's reward is the learned RM: with every gold entry point raising, training still runs."""
+    from minirlhf.data import gold, task as task_mod
+    from minirlhf.metrics import Metrics
+    from minirlhf.stages.ppo import run_ppo
+
+    run_dir, _ = tiny_run
+    prompts = load_inputs(PRESETS["tiny"]()).ppo_prompts
+
+    def forbidden(*a, **k):
+        raise AssertionError("the gold function was called during PPO training")
+
+    monkeypatch.setattr(gold, "gold_breakdown", forbidden)
+    monkeypatch.setattr(task_mod, "gold_breakdown", forbidden)
+    monkeypatch.setattr(task_mod.Task, "gold_score", forbidden)
+    out = run_ppo(PRESETS["tiny"](), tmp_path / "ppo", sft_dir=run_dir / "sft", rm_dir=run_dir / "rm",
+                  prompts=prompts, metrics=Metrics(tmp_path))
+    assert checkpoint.is_finished(out)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "minirlhf", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--ppo.kl_coef", "lots"], "--ppo.kl_coef: expected float, got 'lots'"),
+    (["train", "--ppo.nope", "1"], "unrecognized arguments: --ppo.nope"),
+    (["train", "--rm.k", "12"], "rm.k=12: must be in 2..9"),
+    (["generate", "--ckpt", "/nonexistent", "--prompt", "hi"], "/nonexistent: no checkpoint here"),
+])
+def test_user_mistakes_get_one_line_and_exit_2(args, message):
+    r = _cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_data_file_is_reported_before_any_compute(tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    r = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--data.sft", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad}:2: response:" in r.stderr
+    assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_generate_and_help(tiny_run):
+    run_dir, _ = tiny_run
+    assert main(["generate", "--ckpt", str(run_dir / "ppo"), "--prompt", "What does the fox eat?",
+                 "--max-new-tokens", "5"]) == 0
+    r = _cli("train", "--help")
+    assert r.returncode == 0 and "--ppo.kl_coef" in r.stdout and "initial beta of the per-token KL penalty" in r.stdout
+
+
+def test_data_export(tmp_path):
+    assert main(["data", "export", str(tmp_path / "d"), "--preset", "tiny"]) == 0
+    from minirlhf.data import read_preferences, read_sft
+    assert read_sft(tmp_path / "d" / "sft.jsonl") and read_preferences(tmp_path / "d" / "preferences.jsonl")
