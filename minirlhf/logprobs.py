@@ -7,14 +7,9 @@ at the same column.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from kernels import token_logprobs
 
 from .model import Transformer
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
 
 
 def response_logits(model: Transformer, tokens, attn, prompt_len: int):

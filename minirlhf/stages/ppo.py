@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, optim
+from kernels import ppo_loss, token_logprobs
+
+from .. import checkpoint, optim, rollout
 from ..config import PPOConfig, RunConfig
 from ..device import autocast, resolve_device
 from ..generate import generate
-from ..logprobs import response_logits, response_logprobs, response_values, token_logprobs
+from ..logprobs import response_logits, response_logprobs, response_values
 from ..metrics import Metrics, progress
 from ..model import Transformer
 from .rm import scores
@@ -63,69 +65,9 @@ def kl_controller(pc: PPOConfig):
     return FixedKLController(pc.kl_coef)
 
 
-# ---------------------------------------------------------------- rollout bookkeeping (torch)
-def assemble_rewards(old_logprobs, ref_logprobs, score, mask, kl_coef: float, *, hit_max=None,
-                     no_eos_penalty: float = 0.0, reward_clip: float = 0.0):
-    """Per-token rewards (B, R): −β·KL_t everywhere, plus the RM score at each response's last token."""
-    kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate log π_old − log π_ref
-    rewards = -kl_coef * kl
-    if reward_clip > 0:
-        score = score.clamp(-reward_clip, reward_clip)
-    if hit_max is not None:
-        score = score + no_eos_penalty * hit_max.float()  # penalise responses cut off without EOS
-    last = mask.long().sum(1) - 1
-    rewards[torch.arange(len(score)), last] += score
-    return rewards, kl
-
-
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al. 2016), per sequence, backwards in time.
-
-    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1}; V and A are 0 after the last token."""
-    B, R = rewards.shape
-    adv = torch.zeros_like(rewards)
-    next_value = torch.zeros(B, device=rewards.device)
-    next_adv = torch.zeros(B, device=rewards.device)
-    for t in reversed(range(R)):
-        m = mask[:, t].float()
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv[:, t] = (delta + gamma * lam * next_adv) * m
-        next_value = values[:, t] * m
-        next_adv = adv[:, t]
-    return adv, (adv + values) * mask
-
-
-def whiten(x, mask, shift_mean: bool = True):
-    """Advantage whitening over valid tokens: (x − mean) / std (unbiased variance)."""
-    m = mask.float()
-    n = m.sum()
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * m
-
-
 # ---------------------------------------------------------------- the losses
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def policy_loss(logits, labels, old_logprobs, advantages, mask, clip_eps: float, entropy_coef: float):
-    """The clipped surrogate objective (Schulman et al. 2017, eq. 7), negated, token-mean."""
-    logp = token_logprobs(logits, labels)
-    ratio = torch.exp(logp - old_logprobs)
-    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    logp_all = torch.log_softmax(logits.float(), -1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    loss = masked_mean(pg, mask) - entropy_coef * masked_mean(entropy, mask)
-    with torch.no_grad():
-        log_ratio = logp - old_logprobs
-        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
-                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3 of π_old vs π
-                 "entropy": masked_mean(entropy, mask)}
-    return loss, stats
 
 
 def value_loss(values, old_values, returns, mask, value_clip: float):
@@ -200,39 +142,45 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], met
             ref_logprobs = response_logprobs(reference, tokens, attn, P, pc.temperature) * mask
             old_values = response_values(critic, tokens, attn, P) * mask
 
-        # 3. rewards: KL penalty per token + RM score at the end ----------------------
-        rewards, kl = assemble_rewards(old_logprobs, ref_logprobs, rm_score, mask, kl_ctl.value,
-                                       hit_max=gen.hit_max, no_eos_penalty=pc.no_eos_penalty,
-                                       reward_clip=pc.reward_clip)
-        # 4. GAE, returns, advantage whitening ------------------------------------------
-        advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
+        # 3. rewards: r_t = −β·KL_t on every token, + RM score (+ no-EOS penalty) at the last
+        #    (C++ rollout buffer, minirlhf/rollout.py; CPU arrays, zero copy)
+        lengths = gen.lengths.cpu()
+        kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate log π_old − log π_ref
+        rewards = rollout.assemble_rewards(old_logprobs.cpu(), ref_logprobs.cpu(), rm_score.float().cpu(), lengths,
+                                           kl_ctl.value, hit_max=gen.hit_max.cpu(), no_eos_penalty=pc.no_eos_penalty,
+                                           reward_clip=pc.reward_clip or None)
+        # 4. GAE(γ, λ) per sequence over its true length; returns = A + V; advantage whitening
+        advantages, returns = rollout.gae(rewards, old_values.cpu(), lengths, pc.gamma, pc.lam)
         if pc.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = rollout.whiten(advantages, lengths)
+        advantages, returns = advantages.to(device), returns.to(device)
 
         # 5. PPO epochs over shuffled minibatches ----------------------------------------
         policy.train()
         critic.train()
         stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "approx_kl", "clipfrac", "entropy")}
         early_stop = False
-        perm_gen = torch.Generator().manual_seed(cfg.seed + iteration)
-        for _ in range(pc.ppo_epochs):
-            perm = torch.randperm(pc.batch_size, generator=perm_gen)
-            for start in range(0, pc.batch_size, pc.minibatch_size):
-                idx = perm[start:start + pc.minibatch_size].to(device)
+        for epoch in range(pc.ppo_epochs):
+            mb_seed = (cfg.seed * 1_000_003 + iteration) * 97 + epoch  # reshuffled every epoch, same on resume
+            for idx in rollout.minibatches(pc.batch_size, pc.minibatch_size, mb_seed):
+                idx = torch.from_numpy(idx).to(device)
                 mb_tokens, mb_attn, mb_mask = tokens[idx], attn[idx], mask[idx]
                 with autocast(device):
                     logits = response_logits(policy, mb_tokens, mb_attn, P)
-                    if pc.temperature != 1.0:
-                        logits = logits / pc.temperature
-                    pl, ps = policy_loss(logits, labels[idx], old_logprobs[idx], advantages[idx], mb_mask,
-                                         pc.clip_eps, pc.entropy_coef)
+                    # clipped surrogate objective (Schulman et al. 2017, eq. 7), token-mean, fused kernel
+                    pl, ps = ppo_loss(logits, labels[idx], old_logprobs[idx], advantages[idx], mb_mask,
+                                      clip_eps=pc.clip_eps, temperature=pc.temperature)
+                    if pc.entropy_coef > 0:  # entropy bonus
+                        _, entropy = token_logprobs(logits, labels[idx], pc.temperature, return_entropy=True)
+                        pl = pl - pc.entropy_coef * masked_mean(entropy, mb_mask)
                     values = response_values(critic, mb_tokens, mb_attn, P)
                     vl = value_loss(values, old_values[idx], returns[idx], mb_mask, pc.value_clip)
                 optim.step(policy_opt, policy, pl, pc.grad_clip)
                 optim.step(critic_opt, critic, vl, pc.grad_clip)
-                for k, v in (("policy", pl), ("value", vl), *ps.items()):
+                for k, v in (("policy", pl), ("value", vl), ("approx_kl", ps.approx_kl),
+                             ("clipfrac", ps.clipfrac), ("entropy", ps.entropy)):
                     stats[k].append(float(v.detach()))
-                if ps["approx_kl"] > pc.max_approx_kl:
+                if ps.approx_kl > pc.max_approx_kl:
                     early_stop = True  # the policy moved too far from the one that collected the data
                     break
             if early_stop:
