@@ -111,9 +111,13 @@ def _run_dir(args, cfg: C.RunConfig) -> Path:
 
 def _announce(cfg: C.RunConfig, run_dir: Path) -> None:
     """Print the resolved config and save it with the run."""
-    resolved = json.dumps(C.to_dict(cfg), indent=1)
-    print(f"[config] run dir {run_dir}; resolved config:\n{resolved}")
-    (run_dir / "config.json").write_text(resolved)
+    resolved = C.to_dict(cfg)
+    print(f"[config] run dir {run_dir}; resolved config (also in config.json):")
+    print("  " + ", ".join(f"{k}={v}" for k, v in resolved.items() if not isinstance(v, dict)))
+    for section, values in resolved.items():
+        if isinstance(values, dict):
+            print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=1))
 
 
 def cmd_generate(args) -> int:

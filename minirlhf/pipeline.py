@@ -200,11 +200,6 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
             raise ValueError(f"{d}: not a checkpoint directory")
     results = evaluate_checkpoints(cfg, {str(c): c for c in ckpts}, rm_dir=rm, ref_dir=ref or ckpts[0],
                                    inputs=inputs)
-    for name, r in results.items():
-        parts = [f"gold {r['gold_mean']:.3f} ± {r['gold_se']:.3f}" if "gold_mean" in r else "gold n/a",
-                 f"RM {r['rm_mean']:.3f} ± {r['rm_se']:.3f}" if "rm_mean" in r else None,
-                 f"KL {r['kl_mean']:.2f}" if "kl_mean" in r else None, f"len {r['response_len']:.1f}"]
-        print(f"{name}: " + ", ".join(p for p in parts if p))
     out = {k: {kk: vv for kk, vv in v.items() if kk != "responses"} for k, v in results.items()}
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
     return out
