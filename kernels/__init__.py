@@ -17,7 +17,8 @@ which tests/kernels/test_transformers_coexist.py checks.
 """
 
 from .logprobs import token_logprobs
+from .ppo import PPOLossStats, ppo_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs"]
+__all__ = ["token_logprobs", "ppo_loss", "PPOLossStats"]

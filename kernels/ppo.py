@@ -1,0 +1,416 @@
+"""ppo_loss: the clipped PPO policy loss with a KL penalty, fused with the log-softmax.
+
+Per token i (valid = label != ignore_index and mask != 0), with logp_i the log-prob of
+the label under softmax(logits_i / T) (see kernels/logprobs.py):
+
+    ratio = exp(logp - old_logprobs)
+    pg    = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
+    pg    = min(pg, -A * dual_clip)            only where A < 0, if dual_clip is set
+                                               (dual-clip PPO, Ye et al. 2020)
+    d     = ref_logprobs - logp                the KL penalty's sign convention
+    kl    = k1: -d  (= logp - ref)   k2: d^2 / 2   k3: exp(d) - 1 - d     (Schulman's
+            estimators of KL(pi || pi_ref) from samples of pi; k3 >= 0, unbiased)
+    loss_i = pg + kl_coef * kl
+
+and loss = sum_i w_i * loss_i, where the weights w implement `loss_agg`:
+
+    "token-mean"           w = 1 / (number of valid tokens)
+    "sum"                  w = 1
+    "seq-mean-token-sum"   w = 1 / (number of sequences with a valid token)
+    "seq-mean-token-mean"  w = 1 / (valid tokens in its sequence * number of such sequences)
+
+(the two seq- modes need logits of shape (..., T, V); a sequence is a row of the labels'
+last dim). Invalid tokens have w = 0 and an exactly-zero gradient. Gradients flow to
+the logits only: old_logprobs, advantages, ref_logprobs and mask are constants.
+
+Since the loss is a weighted sum over tokens, its gradient is, per row,
+dL/dx = w_i * dloss_i/dlogp_i * (onehot(y) - p) / T, the token_logprobs backward with a
+per-row coefficient, which the forward computes along with the loss:
+
+    dpg/dlogp = -A * ratio where the unclipped branch is taken, else 0
+    dkl/dlogp = k1: 1   k2: -d   k3: -(exp(d) - 1)
+
+k3 and exp(d) - 1 are evaluated with a Taylor series for |d| < 1, where exp(d) - 1 - d
+would lose most of its digits to cancellation.
+
+Stats (detached, means over valid tokens): clipfrac = fraction of tokens where a clipped
+value was taken (ratio clip or dual clip); approx_kl = k3 of the ratio to the old policy,
+exp(r) - 1 - r with r = logp - old_logprobs, the estimate of KL(pi_old || pi);
+kl_ref = the `kl_estimator` to the reference (0 without ref_logprobs); entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _checks
+from ._dispatch import backend_for, triton_kernel
+from .logprobs import (
+    IGNORE_INDEX,
+    _softmax_row_stats,
+    _write_row_grad,
+    block_v,
+    compute_dtype,
+    flatten_logits,
+    num_warps,
+    token_logprobs_reference,
+    torch_backward,
+    torch_forward,
+    triton_backward,
+)
+
+tl = None  # triton.language, bound by _dispatch.load_triton(); annotations stay strings
+
+LOSS_AGGS = ("token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class PPOLossStats(NamedTuple):
+    """Detached float32 scalars, means over valid tokens."""
+
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    kl_ref: torch.Tensor
+    entropy: torch.Tensor
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@triton_kernel
+def _k3(d):
+    # exp(d) - 1 - d. For |d| < 1, d^2 * sum_{k>=0} d^k / (k+2)! to d^8 / 10! (truncation
+    # below 5e-8 relative); beyond, the direct formula has no cancellation to speak of.
+    c = 1.0 / 3628800.0
+    c = c * d + 1.0 / 362880.0
+    c = c * d + 1.0 / 40320.0
+    c = c * d + 1.0 / 5040.0
+    c = c * d + 1.0 / 720.0
+    c = c * d + 1.0 / 120.0
+    c = c * d + 1.0 / 24.0
+    c = c * d + 1.0 / 6.0
+    c = c * d + 0.5
+    return tl.where(tl.abs(d) < 1.0, d * d * c, tl.exp(d) - 1.0 - d)
+
+
+@triton_kernel
+def _ppo_fwd_kernel(logits_ptr, stride_row, labels_ptr, old_ptr, adv_ptr, ref_ptr, w_ptr,
+                    loss_ptr, g_ptr, lse_ptr, stats_ptr, dlogits_ptr, stride_drow,
+                    N, V, inv_temp, ignore_index, clip_low, clip_high, dual_clip, kl_coef,
+                    BLOCK_V: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
+                    HAS_DUAL: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    lse, ent = _softmax_row_stats(row_ptr, tl.where(valid, V, 0), V, inv_temp, BLOCK_V, True)
+    logp = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temp - lse
+
+    adv = tl.load(adv_ptr + row)
+    log_ratio = logp - tl.load(old_ptr + row)
+    ratio = tl.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clipped = pg2 > pg1
+    pg = tl.where(clipped, pg2, pg1)
+    dpg = tl.where(clipped, 0.0, pg1)
+    if HAS_DUAL:
+        pg3 = -adv * dual_clip
+        dual = (adv < 0.0) & (pg3 < pg)
+        pg = tl.where(dual, pg3, pg)
+        dpg = tl.where(dual, 0.0, dpg)
+        clipped = clipped | dual
+    loss = pg
+    dloss = dpg
+    kl = 0.0
+    if HAS_REF:
+        d = tl.load(ref_ptr + row) - logp
+        if KL_EST == 1:
+            kl = -d
+            dkl = 1.0
+        elif KL_EST == 2:
+            kl = 0.5 * d * d
+            dkl = -d
+        else:
+            kl = _k3(d)
+            dkl = -(d + kl)  # -(exp(d) - 1), accurate at small d through the series
+        loss = loss + kl_coef * kl
+        dloss = dloss + kl_coef * dkl
+
+    w = tl.load(w_ptr + row)
+    g = tl.where(valid, w * dloss, 0.0)
+    tl.store(loss_ptr + row, tl.where(valid, w * loss, 0.0))
+    tl.store(g_ptr + row, g)
+    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row, tl.where(valid & clipped, 1.0, 0.0))
+    tl.store(stats_ptr + N + row, tl.where(valid, _k3(log_ratio), 0.0))
+    tl.store(stats_ptr + 2 * N + row, tl.where(valid, kl, 0.0))
+    tl.store(stats_ptr + 3 * N + row, tl.where(valid, ent, 0.0))
+    if WRITE_GRAD:
+        # The fused-linear path: the gradient of this chunk's logits, for an upstream 1.
+        _write_row_grad(row_ptr, dlogits_ptr + row * stride_drow, V, label, lse, g, 0.0, 0.0,
+                        inv_temp, (~valid) | (g == 0.0), BLOCK_V, False)
+
+
+def triton_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg, grad_out=None):
+    """Per-token (weighted loss, dL/dlogp, lse, stats (4, N)); with grad_out, also writes
+    dL/dx into grad_out (which may be x)."""
+    N, V = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    loss, g, lse = (torch.empty(N, **f32) for _ in range(3))
+    stats = torch.empty(4, N, **f32)
+    blk = block_v(V)
+    write = grad_out is not None
+    _ppo_fwd_kernel[(N,)](
+        x, x.stride(0), labels, old, adv, ref if ref is not None else old, w,
+        loss, g, lse, stats, grad_out if write else x, grad_out.stride(0) if write else 0,
+        N, V, inv_temp, ignore_index, cfg["clip_low"], cfg["clip_high"],
+        cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0, cfg["kl_coef"],
+        BLOCK_V=blk, HAS_REF=ref is not None, KL_EST=int(cfg["kl_estimator"][1]),
+        HAS_DUAL=cfg["dual_clip"] is not None, WRITE_GRAD=write, num_warps=num_warps(blk),
+    )
+    return loss, g, lse, stats
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def k3(d: torch.Tensor) -> torch.Tensor:
+    """exp(d) - 1 - d without cancellation at small |d| (see _k3); the series runs to
+    d^18 / 20! here, so that float64 inputs are exact to float64 precision too."""
+    ds = d.clamp(-1.0, 1.0)  # the unselected series branch must not overflow (0 * inf in backward)
+    c = torch.full_like(d, 1.0 / math.factorial(20))
+    for k in range(19, 1, -1):
+        c = c * ds + 1.0 / math.factorial(k)
+    return torch.where(d.abs() < 1.0, ds * ds * c, torch.expm1(d) - d)
+
+
+def token_terms(logp, old, adv, ref, w, valid, cfg):
+    """The PPO epilogue on per-token vectors: (w * loss_i, w * dloss_i/dlogp, stats (4, N))."""
+    log_ratio = logp - old
+    ratio = log_ratio.exp()
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - cfg["clip_low"], 1.0 + cfg["clip_high"])
+    clipped = pg2 > pg1
+    pg = torch.where(clipped, pg2, pg1)
+    dloss = torch.where(clipped, 0.0, pg1)
+    if cfg["dual_clip"] is not None:
+        pg3 = -adv * cfg["dual_clip"]
+        dual = (adv < 0) & (pg3 < pg)
+        pg = torch.where(dual, pg3, pg)
+        dloss = torch.where(dual, 0.0, dloss)
+        clipped = clipped | dual
+    loss = pg
+    kl = torch.zeros_like(logp)
+    if ref is not None:
+        d = ref - logp
+        est, coef = cfg["kl_estimator"], cfg["kl_coef"]
+        if est == "k1":
+            kl, dkl = -d, torch.ones_like(d)
+        elif est == "k2":
+            kl, dkl = 0.5 * d * d, -d
+        else:
+            kl = k3(d)
+            dkl = -(d + kl)
+        loss = loss + coef * kl
+        dloss = dloss + coef * dkl
+    zero = torch.zeros_like(logp)
+    stats = torch.stack([clipped.to(logp.dtype), k3(log_ratio), kl, zero])
+    stats = torch.where(valid, stats, 0.0)
+    return torch.where(valid, w * loss, 0.0), torch.where(valid, w * dloss, 0.0), stats
+
+
+def torch_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg):
+    logp, lse, ent = torch_forward(x, labels, inv_temp, ignore_index, True)
+    valid = labels != ignore_index
+    loss, g, stats = token_terms(logp, old, adv, ref, w, valid, cfg)
+    stats[3] = ent
+    return loss, g, lse, stats
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class PPOLossFunction(torch.autograd.Function):
+    """(x (N, V), ...) -> (loss (), per-token stats (4, N)); gradient for x only."""
+
+    @staticmethod
+    def forward(ctx, x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg, backend):
+        fwd = triton_ppo_forward if backend == "triton" else torch_ppo_forward
+        loss, g, lse, stats = fwd(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg)
+        ctx.save_for_backward(x, labels, lse, g)
+        ctx.cfg = (inv_temp, ignore_index, backend)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return loss.sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats=None):
+        none = (None,) * 9
+        if grad_loss is None:
+            return (None,) + none
+        x, labels, lse, g = ctx.saved_tensors
+        inv_temp, ignore_index, backend = ctx.cfg
+        g = g * grad_loss.to(g.dtype)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        bwd = triton_backward if backend == "triton" else torch_backward
+        bwd(x, labels, lse, None, g, None, inv_temp, ignore_index, out)
+        return (out,) + none
+
+
+# --------------------------------------------------------------------------- API
+
+
+def loss_weights(valid: torch.Tensor, loss_agg: str, dtype=torch.float32) -> torch.Tensor:
+    """Per-token weights w (flattened) such that the aggregated loss is sum_i w_i loss_i."""
+    v = valid.to(dtype)
+    if loss_agg == "token-mean":
+        w = v / v.sum().clamp_min(1.0)
+    elif loss_agg == "sum":
+        w = v
+    else:
+        per_seq = v.reshape(-1, v.shape[-1])
+        n_tok = per_seq.sum(1, keepdim=True)
+        n_seq = (n_tok > 0).sum().clamp_min(1).to(dtype)
+        if loss_agg == "seq-mean-token-sum":
+            w = per_seq / n_seq
+        else:
+            w = per_seq / (n_tok.clamp_min(1.0) * n_seq)
+    return w.reshape(-1)
+
+
+def check_ppo_args(op, ref_tensor, lead, labels, old_logprobs, advantages, mask, ref_logprobs,
+                   clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, temperature, loss_agg,
+                   ref_name="logits"):
+    """Validates the per-token inputs and scalars shared by ppo_loss and linear_ppo_loss."""
+    kw = dict(ref_name=ref_name)
+    _checks.check_token_values(op, "old_logprobs", old_logprobs, lead, ref_tensor, **kw)
+    _checks.check_token_values(op, "advantages", advantages, lead, ref_tensor, **kw)
+    if mask is not None:
+        _checks.check_token_values(op, "mask", mask, lead, ref_tensor, allow_bool=True, **kw)
+    if ref_logprobs is not None:
+        _checks.check_token_values(op, "ref_logprobs", ref_logprobs, lead, ref_tensor, **kw)
+    clip_low = _checks.check_finite(op, "clip_eps", clip_eps)
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"{op}: clip_eps must be in [0, 1), got {clip_eps!r}")
+    clip_high = clip_low if clip_eps_high is None else _checks.check_finite(op, "clip_eps_high", clip_eps_high)
+    if clip_high < 0.0:
+        raise ValueError(f"{op}: clip_eps_high must be >= 0, got {clip_eps_high!r}")
+    if dual_clip is not None:
+        dual_clip = _checks.check_finite(op, "dual_clip", dual_clip)
+        if dual_clip <= 1.0:
+            raise ValueError(f"{op}: dual_clip must be > 1 (e.g. 3.0), got {dual_clip!r}")
+    kl_coef = _checks.check_finite(op, "kl_coef", kl_coef)
+    _checks.check_choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _checks.check_choice(op, "loss_agg", loss_agg, LOSS_AGGS)
+    if loss_agg.startswith("seq-") and len(lead) < 2:
+        raise ValueError(
+            f"{op}: loss_agg={loss_agg!r} needs sequence structure: {ref_name} of shape (B, T, ...) "
+            f"with labels (B, T); got labels of shape {tuple(lead)}"
+        )
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logprobs")
+    inv_temp = 1.0 / _checks.check_positive(op, "temperature", temperature)
+    return dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator), inv_temp
+
+
+def prepare_tokens(labels, old_logprobs, advantages, mask, ref_logprobs, loss_agg, ignore_index, dtype):
+    """Flattened per-token inputs: labels with invalid tokens set to ignore_index, the
+    float vectors in the compute dtype, the weights w and the valid mask."""
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    flat = lambda t: None if t is None else t.reshape(-1).to(dtype).contiguous()  # noqa: E731
+    labels_eff = torch.where(valid, labels.long(), ignore_index).reshape(-1).contiguous()
+    w = loss_weights(valid, loss_agg, dtype)
+    return labels_eff, flat(old_logprobs), flat(advantages), flat(ref_logprobs), w, valid.reshape(-1)
+
+
+def reduce_stats(stats: torch.Tensor, valid: torch.Tensor) -> PPOLossStats:
+    n = valid.sum().clamp_min(1).to(torch.float32)
+    means = stats.detach().to(torch.float32).sum(1) / n
+    return PPOLossStats(*means.unbind(0))
+
+
+def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, ref_logprobs=None, clip_eps=0.2,
+             clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", temperature=1.0,
+             loss_agg="token-mean", ignore_index=IGNORE_INDEX):
+    """Clipped PPO loss (+ kl_coef * KL to ref) from logits; returns (loss, PPOLossStats).
+
+    logits (..., V) float (e.g. (N, V) or (B, T, V)); labels (...) int; old_logprobs,
+    advantages, ref_logprobs (...) float; mask (...) bool/number (nonzero = valid) or None.
+    clip_eps_high defaults to clip_eps (set it higher for asymmetric "clip-higher");
+    dual_clip (> 1) bounds the loss of negative-advantage tokens; kl_coef and every other
+    scalar are plain kernel arguments, so changing them each step costs no recompilation.
+    The loss is a float32 scalar (float64 for float64 logits); see the module docstring.
+    """
+    op = "ppo_loss"
+    _checks.check_logits(op, logits)
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    _checks.check_labels(op, labels, lead, logits, V, ignore_index)
+    cfg, inv_temp = check_ppo_args(op, logits, lead, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                   clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, temperature,
+                                   loss_agg)
+    cdtype = compute_dtype(logits.dtype)
+    labels_eff, old, adv, ref, w, valid = prepare_tokens(labels, old_logprobs, advantages, mask, ref_logprobs,
+                                                         loss_agg, ignore_index, cdtype)
+    if logits.numel() == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+        return (logits.sum() * 0.0).to(cdtype), PPOLossStats(zero, zero, zero, zero)
+    backend = backend_for(logits)
+    if backend == "triton":
+        old, adv, w = old.float(), adv.float(), w.float()
+        ref = None if ref is None else ref.float()
+    loss, stats = PPOLossFunction.apply(flatten_logits(logits), labels_eff, old, adv, ref, w, inv_temp,
+                                        int(ignore_index), cfg, backend)
+    return loss.to(cdtype), reduce_stats(stats, valid)
+
+
+def ppo_loss_reference(logits, labels, old_logprobs, advantages, mask=None, *, ref_logprobs=None, clip_eps=0.2,
+                       clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", temperature=1.0,
+                       loss_agg="token-mean", ignore_index=IGNORE_INDEX):
+    """The naive composition, written as a trainer would; for tests and benchmarks only."""
+    logp, ent = token_logprobs_reference(logits, labels, temperature, True, ignore_index=ignore_index)
+    dt = logp.dtype
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    old, adv = old_logprobs.to(dt), advantages.to(dt)
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logp - old)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
+    pg = torch.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    if dual_clip is not None:
+        pg3 = -adv * dual_clip
+        clipped = clipped | ((adv < 0) & (pg3 < pg))
+        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    kl = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        d = ref_logprobs.to(dt) - logp
+        kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d**2, "k3": lambda: k3(d)}[kl_estimator]()
+    per_token = torch.where(valid, pg + kl_coef * kl, 0.0)
+    vf = valid.to(dt)
+    if loss_agg == "token-mean":
+        loss = per_token.sum() / vf.sum().clamp_min(1)
+    elif loss_agg == "sum":
+        loss = per_token.sum()
+    else:
+        T = labels.shape[-1]
+        tok_sum = per_token.reshape(-1, T).sum(-1)
+        n_tok = vf.reshape(-1, T).sum(-1)
+        seq = tok_sum if loss_agg == "seq-mean-token-sum" else tok_sum / n_tok.clamp_min(1)
+        nonempty = n_tok > 0
+        loss = seq[nonempty].sum() / nonempty.sum().clamp_min(1)
+    n = vf.sum().clamp_min(1)
+    with torch.no_grad():
+        mean = lambda t: (torch.where(valid, t, 0.0).sum() / n).float()  # noqa: E731
+        r = logp - old
+        stats = PPOLossStats(mean(clipped.to(dt)), mean(torch.expm1(r) - r), mean(kl), mean(ent))
+    return loss, stats
