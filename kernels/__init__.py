@@ -16,9 +16,10 @@ source checkout; both stay outside the range it accepts (0.18.x at the time of w
 which tests/kernels/test_transformers_coexist.py checks.
 """
 
+from .linear import linear_ppo_loss, linear_token_logprobs
 from .logprobs import token_logprobs
 from .ppo import PPOLossStats, ppo_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "ppo_loss", "PPOLossStats"]
+__all__ = ["token_logprobs", "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "PPOLossStats"]
