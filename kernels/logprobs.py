@@ -90,11 +90,19 @@ def _write_row_grad(row_ptr, drow_ptr, V, label, lse, g, g_ent, ent, inv_temp, s
 
 
 @triton_kernel
-def _token_logprobs_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
+def _row_offset(row, T, stride_b, stride_t):
+    # row r of the flattened (B*T, V) logits is (b, t) = divmod(r, T): a (B, T, V) view such
+    # as logits[:, P-1:-1] is read in place, where reshape(-1, V) would have to copy it
+    b = row // T
+    return b * stride_b + (row - b * T) * stride_t
+
+
+@triton_kernel
+def _token_logprobs_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
                                V, inv_temp, ignore_index,
                                BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 at N*V > 2^31
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
     lse, ent = _softmax_row_stats(row_ptr, tl.where(ignored, 0, V), V, inv_temp, BLOCK_V, WITH_ENTROPY)
@@ -106,7 +114,8 @@ def _token_logprobs_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse
 
 
 @triton_kernel
-def _token_logprobs_bwd_kernel(logits_ptr, stride_row, dlogits_ptr, stride_drow, labels_ptr, lse_ptr, ent_ptr,
+def _token_logprobs_bwd_kernel(logits_ptr, T, stride_b, stride_t, dlogits_ptr, stride_drow, labels_ptr, lse_ptr,
+                               ent_ptr,
                                glogp_ptr, gent_ptr, V, inv_temp, ignore_index,
                                BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -121,8 +130,9 @@ def _token_logprobs_bwd_kernel(logits_ptr, stride_row, dlogits_ptr, stride_drow,
         g_ent = 0.0
         ent = 0.0
         skip = (label == ignore_index) | (g == 0.0)
-    _write_row_grad(logits_ptr + row * stride_row, dlogits_ptr + row * stride_drow, V, label, lse,
-                    g, g_ent, ent, inv_temp, skip, BLOCK_V, WITH_ENTROPY)
+    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
+    _write_row_grad(row_ptr, dlogits_ptr + row * stride_drow, V, label, lse, g, g_ent, ent, inv_temp, skip,
+                    BLOCK_V, WITH_ENTROPY)
 
 
 def block_v(V: int) -> int:
@@ -134,14 +144,14 @@ def num_warps(block: int) -> int:
 
 
 def triton_forward(x, labels, inv_temp, ignore_index, with_entropy):
-    """x: (N, V) with unit column stride; returns (logp, lse, ent or None), float32."""
-    N, V = x.shape
+    """x: rows (see as_rows); returns (logp, lse, ent or None), float32."""
+    N, V = num_rows(x), x.shape[-1]
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     ent = torch.empty(N, dtype=torch.float32, device=x.device) if with_entropy else None
     blk = block_v(V)
     _token_logprobs_fwd_kernel[(N,)](
-        x, x.stride(0), labels, logp, lse, ent if with_entropy else lse, V, inv_temp, ignore_index,
+        x, *row_strides(x), labels, logp, lse, ent if with_entropy else lse, V, inv_temp, ignore_index,
         BLOCK_V=blk, WITH_ENTROPY=with_entropy, num_warps=num_warps(blk),
     )
     return logp, lse, ent
@@ -149,11 +159,11 @@ def triton_forward(x, labels, inv_temp, ignore_index, with_entropy):
 
 def triton_backward(x, labels, lse, ent, g, g_ent, inv_temp, ignore_index, out):
     """Writes dL/dx into `out` (N, V), which may be `x` itself."""
-    N, V = x.shape
+    N, V = out.shape
     with_entropy = g_ent is not None
     blk = block_v(V)
     _token_logprobs_bwd_kernel[(N,)](
-        x, x.stride(0), out, out.stride(0), labels, lse, ent if with_entropy else lse,
+        x, *row_strides(x), out, out.stride(0), labels, lse, ent if with_entropy else lse,
         g, g_ent if with_entropy else g, V, inv_temp, ignore_index,
         BLOCK_V=blk, WITH_ENTROPY=with_entropy, num_warps=num_warps(blk),
     )
@@ -219,7 +229,7 @@ def chunk_backward(x, safe_labels, lse, ent, g, g_ent, inv_temp, out):
 
 
 def torch_forward(x, labels, inv_temp, ignore_index, with_entropy):
-    N, V = x.shape
+    N, V = num_rows(x), x.shape[-1]
     cdtype = compute_dtype(x.dtype)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
@@ -228,7 +238,7 @@ def torch_forward(x, labels, inv_temp, ignore_index, with_entropy):
     ent = torch.empty(N, dtype=cdtype, device=x.device) if with_entropy else None
     step = rows_per_chunk(V)
     for i in range(0, N, step):
-        a, b, c = chunk_forward(x[i:i + step], safe[i:i + step], inv_temp, with_entropy)
+        a, b, c = chunk_forward(row_chunk(x, i, i + step), safe[i:i + step], inv_temp, with_entropy)
         logp[i:i + step] = a
         lse[i:i + step] = b
         if with_entropy:
@@ -240,14 +250,14 @@ def torch_forward(x, labels, inv_temp, ignore_index, with_entropy):
 
 
 def torch_backward(x, labels, lse, ent, g, g_ent, inv_temp, ignore_index, out):
-    N, V = x.shape
+    N, V = out.shape
     no_grad = (g == 0) if g_ent is None else ((g == 0) & (g_ent == 0))
     skip = (labels == ignore_index) | no_grad
     safe = torch.where(skip, 0, labels)
     step = rows_per_chunk(V)
     for i in range(0, N, step):
         sl = slice(i, i + step)
-        chunk_backward(x[sl], safe[sl], lse[sl], None if ent is None else ent[sl], g[sl],
+        chunk_backward(row_chunk(x, i, i + step), safe[sl], lse[sl], None if ent is None else ent[sl], g[sl],
                        None if g_ent is None else g_ent[sl], inv_temp, out[sl])
     skipped = skip.nonzero().squeeze(1)
     if skipped.numel():
@@ -259,7 +269,7 @@ def torch_backward(x, labels, lse, ent, g, g_ent, inv_temp, ignore_index, out):
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """(x (N, V), labels (N,)) -> logp (N,) [, entropy (N,)]; gradient for x only."""
+    """(x (N, V) or (B, T, V) rows, labels (N,)) -> logp (N,) [, entropy (N,)]; gradient for x only."""
 
     @staticmethod
     def forward(ctx, x, labels, inv_temp, ignore_index, with_entropy, backend):
@@ -280,15 +290,52 @@ class TokenLogprobsFunction(torch.autograd.Function):
         g = torch.zeros_like(lse) if g is None else g.to(stat_dtype).contiguous()
         if g_ent is not None:
             g_ent = g_ent.to(stat_dtype).contiguous()
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty(num_rows(x), x.shape[-1], dtype=x.dtype, device=x.device)
         bwd = triton_backward if backend == "triton" else torch_backward
         bwd(x, labels, lse, ent, g, g_ent, inv_temp, ignore_index, out)
-        return out, None, None, None, None, None
+        return out.view(x.shape), None, None, None, None, None
 
 
-def flatten_logits(x):
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+def as_rows(logits):
+    """The logits (..., V) as rows without a copy where one can be avoided: an (N, V) view,
+    else a (B, T, V) view (e.g. logits[:, P-1:-1] of a model's output); a copy only for
+    layouts neither covers (a non-unit vocabulary stride, or leading dims that don't merge)."""
+    V = logits.shape[-1]
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if x.dim() == 2:
+        return x
+    try:
+        return x.view(-1, V)
+    except RuntimeError:
+        pass
+    try:
+        return x.view(-1, x.shape[-2], V)
+    except RuntimeError:
+        return x.contiguous().view(-1, V)
+
+
+def num_rows(x) -> int:
+    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
+
+
+def row_strides(x):
+    """(T, stride_b, stride_t) such that row r starts at (r // T) * stride_b + (r % T) * stride_t."""
+    if x.dim() == 2:
+        return x.shape[0], 0, x.stride(0)
+    return x.shape[1], x.stride(0), x.stride(1)
+
+
+def row_chunk(x, i, j):
+    """Rows [i, j) as a (rows, V) tensor: a view, or for rows spanning sequences of a
+    (B, T, V) view, a copy of just those rows."""
+    if x.dim() == 2:
+        return x[i:j]
+    T = x.shape[1]
+    j = min(j, num_rows(x))
+    if i // T == (j - 1) // T:
+        return x[i // T, i % T:(j - 1) % T + 1]
+    rows = torch.arange(i, j, device=x.device)
+    return x[rows // T, rows % T]
 
 
 def token_logprobs(logits, labels, temperature=1.0, return_entropy=False, *, ignore_index=IGNORE_INDEX):
@@ -310,7 +357,7 @@ def token_logprobs(logits, labels, temperature=1.0, return_entropy=False, *, ign
         zero = logits.new_zeros(lead, dtype=cdtype) + 0.0 * logits.sum()
         return (zero, zero.clone()) if return_entropy else zero
     backend = backend_for(logits)
-    out = TokenLogprobsFunction.apply(flatten_logits(logits), labels.reshape(-1).long().contiguous(), inv_temp,
+    out = TokenLogprobsFunction.apply(as_rows(logits), labels.reshape(-1).long().contiguous(), inv_temp,
                                       int(ignore_index), bool(return_entropy), backend)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)

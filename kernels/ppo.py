@@ -54,8 +54,11 @@ from .logprobs import (
     _write_row_grad,
     block_v,
     compute_dtype,
-    flatten_logits,
+    _row_offset,
+    as_rows,
+    num_rows,
     num_warps,
+    row_strides,
     token_logprobs_reference,
     torch_backward,
     torch_forward,
@@ -97,13 +100,13 @@ def _k3(d):
 
 
 @triton_kernel
-def _ppo_fwd_kernel(logits_ptr, stride_row, labels_ptr, old_ptr, adv_ptr, ref_ptr, w_ptr,
+def _ppo_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, old_ptr, adv_ptr, ref_ptr, w_ptr,
                     loss_ptr, g_ptr, lse_ptr, stats_ptr, dlogits_ptr, stride_drow,
                     N, V, inv_temp, ignore_index, clip_low, clip_high, dual_clip, kl_coef,
                     BLOCK_V: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
                     HAS_DUAL: tl.constexpr, WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     safe_label = tl.where(valid, label, 0)
@@ -159,14 +162,14 @@ def _ppo_fwd_kernel(logits_ptr, stride_row, labels_ptr, old_ptr, adv_ptr, ref_pt
 def triton_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg, grad_out=None):
     """Per-token (weighted loss, dL/dlogp, lse, stats (4, N)); with grad_out, also writes
     dL/dx into grad_out (which may be x)."""
-    N, V = x.shape
+    N, V = num_rows(x), x.shape[-1]
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, g, lse = (torch.empty(N, **f32) for _ in range(3))
     stats = torch.empty(4, N, **f32)
     blk = block_v(V)
     write = grad_out is not None
     _ppo_fwd_kernel[(N,)](
-        x, x.stride(0), labels, old, adv, ref if ref is not None else old, w,
+        x, *row_strides(x), labels, old, adv, ref if ref is not None else old, w,
         loss, g, lse, stats, grad_out if write else x, grad_out.stride(0) if write else 0,
         N, V, inv_temp, ignore_index, cfg["clip_low"], cfg["clip_high"],
         cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0, cfg["kl_coef"],
@@ -236,7 +239,7 @@ def torch_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg):
 
 
 class PPOLossFunction(torch.autograd.Function):
-    """(x (N, V), ...) -> (loss (), per-token stats (4, N)); gradient for x only."""
+    """(x (N, V) or (B, T, V) rows, ...) -> (loss (), per-token stats (4, N)); gradient for x only."""
 
     @staticmethod
     def forward(ctx, x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg, backend):
@@ -256,10 +259,10 @@ class PPOLossFunction(torch.autograd.Function):
         x, labels, lse, g = ctx.saved_tensors
         inv_temp, ignore_index, backend = ctx.cfg
         g = g * grad_loss.to(g.dtype)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty(num_rows(x), x.shape[-1], dtype=x.dtype, device=x.device)
         bwd = triton_backward if backend == "triton" else torch_backward
         bwd(x, labels, lse, None, g, None, inv_temp, ignore_index, out)
-        return (out,) + none
+        return (out.view(x.shape),) + none
 
 
 # --------------------------------------------------------------------------- API
@@ -366,7 +369,7 @@ def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, ref_logprob
     if backend == "triton":
         old, adv, w = old.float(), adv.float(), w.float()
         ref = None if ref is None else ref.float()
-    loss, stats = PPOLossFunction.apply(flatten_logits(logits), labels_eff, old, adv, ref, w, inv_temp,
+    loss, stats = PPOLossFunction.apply(as_rows(logits), labels_eff, old, adv, ref, w, inv_temp,
                                         int(ignore_index), cfg, backend)
     return loss.to(cdtype), reduce_stats(stats, valid)
 
