@@ -1,0 +1,31 @@
+"""Fixtures for the kernels tests. Triton runs in its CPU interpreter here, so this must
+set TRITON_INTERPRET before anything imports triton (kernels itself imports it lazily)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels.logprobs  # noqa: E402
+from kernels._dispatch import force_backend  # noqa: E402
+
+
+def pytest_configure(config):
+    # the interpreter evaluates masked-off lanes too (log(0), 0 * inf): numpy warns, results are discarded
+    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Tiny Triton vocabulary blocks and torch row chunks, so that the small test shapes
+    still span several blocks and chunks, the last one ragged."""
+    monkeypatch.setattr(kernels.logprobs, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 128)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Runs the test body on the chunked torch path and on the Triton kernels (interpreted)."""
+    with force_backend(request.param):
+        yield request.param
