@@ -97,10 +97,16 @@ void parallel_rows(int64_t n, int64_t elements,
 // ---------------------------------------------------------------- checks
 
 bool all_finite(const float* x, int64_t n) {
-    // Branch-free so it vectorises; the slow search for the culprit runs only on failure.
-    bool ok = true;
-    for (int64_t i = 0; i < n; ++i) ok &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
-    return ok;
+    // On the bits, so that it vectorises: an all-ones exponent (inf, NaN)
+    // carries into bit 31 when one is added to it.  The slow search for the
+    // culprit runs only on failure.
+    uint32_t acc = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, x + i, sizeof bits);
+        acc |= (bits & 0x7f800000u) + 0x00800000u;
+    }
+    return (acc & 0x80000000u) == 0;
 }
 
 RowError first_non_finite(const char* name, const float* row, int64_t b, int64_t len) {
@@ -225,6 +231,70 @@ void assemble_rewards(const Batch& batch, const float* old_logprobs, const float
 
 // ---------------------------------------------------------------- GAE
 
+namespace {
+
+// Backwards through one sequence, from token `t` down to 0, carrying
+// V_{t+1} (next_value) and A_{t+1} (last_gae).  v[t] is read before adv[t]
+// and ret[t] are written, and V_{t+1} is carried rather than re-read, so the
+// outputs may alias the inputs.  The float operations are those of the usual
+// torch loop, in its order.
+struct GaeRow {
+    int64_t offset;  // of the row's token 0 in every (B, T) array
+    int64_t t;       // next token to compute; -1 when done
+    float next_value = 0.0f;
+    float last_gae = 0.0f;
+};
+
+void gae_finish(GaeRow& row, const float* r, const float* v, float* adv, float* ret, float g, float gl) {
+    const int64_t o = row.offset;
+    for (int64_t t = row.t; t >= 0; --t) {
+        const float value = v[o + t];
+        const float delta = r[o + t] + g * row.next_value - value;
+        row.last_gae = delta + gl * row.last_gae;
+        adv[o + t] = row.last_gae;
+        ret[o + t] = row.last_gae + value;
+        row.next_value = value;
+    }
+    row.t = -1;
+}
+
+// The same for K sequences at once, `steps` tokens each.  One sequence is a
+// chain of dependent multiply-adds (~8 cycles a token); K independent chains
+// interleaved keep the CPU busy instead.  Per sequence the arithmetic is
+// unchanged, so the results are identical to gae_finish's.
+template <int K>
+void gae_interleaved(GaeRow* rows, int64_t steps, const float* r, const float* v, float* adv, float* ret,
+                     float g, float gl) {
+    int64_t at[K];  // index of each row's current token; all step back together
+    float next_value[K], last_gae[K];
+    for (int k = 0; k < K; ++k) {
+        at[k] = rows[k].offset + rows[k].t;
+        next_value[k] = rows[k].next_value;
+        last_gae[k] = rows[k].last_gae;
+    }
+    for (int64_t i = 0; i < steps; ++i) {
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            const int64_t j = at[k] - i;
+            const float value = v[j];
+            const float delta = r[j] + g * next_value[k] - value;
+            last_gae[k] = delta + gl * last_gae[k];
+            adv[j] = last_gae[k];
+            ret[j] = last_gae[k] + value;
+            next_value[k] = value;
+        }
+    }
+    for (int k = 0; k < K; ++k) {
+        rows[k].t -= steps;
+        rows[k].next_value = next_value[k];
+        rows[k].last_gae = last_gae[k];
+    }
+}
+
+constexpr int kGaeLanes = 2;  // more would map to one L1 set when T is a power of 2
+
+}  // namespace
+
 void gae(const Batch& batch, const float* rewards, const float* values, double gamma, double lam,
          float* advantages, float* returns) {
     check_batch(batch);
@@ -232,37 +302,57 @@ void gae(const Batch& batch, const float* rewards, const float* values, double g
     check_unit_interval("lam", lam);
 
     const int64_t T = batch.max_len;
+    const int64_t* lengths = batch.lengths;
     // Rounded as torch rounds `gamma * x` and `gamma * lam * x` for a float32 x.
     const float g = static_cast<float>(gamma);
     const float gl = static_cast<float>(gamma * lam);
 
-    parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
-        for (int64_t b = begin; b < end; ++b) {
-            const int64_t len = batch.lengths[b];
-            const float* r = rewards + b * T;
-            const float* v = values + b * T;
-            if (!all_finite(r, len)) return first_non_finite("rewards", r, b, len);
-            if (!all_finite(v, len)) return first_non_finite("values", v, b, len);
+    auto check_row = [&](int64_t b) -> RowError {
+        const float* r = rewards + b * T;
+        const float* v = values + b * T;
+        if (!all_finite(r, lengths[b])) return first_non_finite("rewards", r, b, lengths[b]);
+        if (!all_finite(v, lengths[b])) return first_non_finite("values", v, b, lengths[b]);
+        return {};
+    };
+    // A NaN or inf among a row's rewards or values makes its returns
+    // non-finite too, so checking the returns (hot in cache) checks the
+    // inputs.  When an output overwrites an input, though, the input must be
+    // checked before it is gone.
+    const bool in_place = advantages == rewards || advantages == values || returns == rewards ||
+                          returns == values;
 
-            float* adv = advantages + b * T;
-            float* ret = returns + b * T;
-            // Backwards from the last token; V after it is 0.  v[t] is read
-            // before adv[t] / ret[t] are written, and V_{t+1} is carried in a
-            // register, so the outputs may alias the inputs.
-            float next_value = 0.0f;
-            float last_gae = 0.0f;
-            for (int64_t t = len - 1; t >= 0; --t) {
-                const float value = v[t];
-                const float delta = r[t] + g * next_value - value;
-                last_gae = delta + gl * last_gae;
-                adv[t] = last_gae;
-                ret[t] = last_gae + value;
-                next_value = value;
+    parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
+        // The first bad row of the chunk in row order, whatever the work order.
+        auto first_bad = [&](int64_t overflow_row) -> RowError {
+            for (int64_t b = begin; b < end; ++b)
+                if (RowError e = check_row(b)) return e;
+            return {overflow_row, str("advantages or returns overflow float32 in row ", overflow_row)};
+        };
+        // Longest first, in groups of kGaeLanes of similar length: a group runs
+        // interleaved for as long as its shortest member, the rest one by one.
+        std::vector<int64_t> order(static_cast<size_t>(end - begin));
+        std::iota(order.begin(), order.end(), begin);
+        std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+            return lengths[a] != lengths[b] ? lengths[a] > lengths[b] : a < b;
+        });
+        for (size_t first = 0; first < order.size(); first += kGaeLanes) {
+            const size_t n = std::min(order.size() - first, static_cast<size_t>(kGaeLanes));
+            GaeRow rows[kGaeLanes];
+            for (size_t k = 0; k < n; ++k) {
+                const int64_t b = order[first + k];
+                if (in_place && check_row(b)) return first_bad(b);
+                rows[k] = GaeRow{b * T, lengths[b] - 1};
             }
-            zero_tail(adv, len, T);
-            zero_tail(ret, len, T);
-            if (!all_finite(ret, len))
-                return {b, str("advantages or returns overflow float32 in row ", b)};
+            if (n == kGaeLanes)
+                gae_interleaved<kGaeLanes>(rows, lengths[order[first + n - 1]], rewards, values, advantages,
+                                           returns, g, gl);
+            for (size_t k = 0; k < n; ++k) {
+                const int64_t b = order[first + k];
+                gae_finish(rows[k], rewards, values, advantages, returns, g, gl);
+                if (!all_finite(returns + b * T, lengths[b])) return first_bad(b);
+                zero_tail(advantages + b * T, lengths[b], T);
+                zero_tail(returns + b * T, lengths[b], T);
+            }
         }
         return {};
     });

@@ -260,3 +260,26 @@ def test_calls_do_not_leak():
         tracemalloc.stop()
     assert [sys.getrefcount(x) for x in (r, v, lengths, idx)] == refs
     assert grown < 10_000, f"{grown} bytes still allocated after 200 rounds of every call"
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_first_bad_row_is_reported(in_place, threads):
+    # Rows are worked on longest first and on several threads; the error still names the lowest row.
+    rng = np.random.default_rng(1)
+    n, width = 200, 400  # enough work for several threads
+    lengths = rng.integers(1, width + 1, n)
+    lengths[[17, 150]] = [30, width]
+    r, v = f32(n, width), f32(n, width)
+    r[150, 0] = np.inf
+    v[17, 29] = np.nan
+    before = rollout.get_num_threads()
+    rollout.set_num_threads(threads)
+    try:
+        with pytest.raises(ValueError, match=r"values\[17, 29\]=nan is not finite"):
+            if in_place:
+                rollout.gae(r, v, lengths, 0.9, 0.9, out_advantages=r, out_returns=v)
+            else:
+                rollout.gae(r, v, lengths, 0.9, 0.9)
+    finally:
+        rollout.set_num_threads(before)
