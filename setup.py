@@ -21,8 +21,9 @@ if Path("csrc/bindings.cpp").exists():
             sorted(str(p) for p in Path("csrc").glob("*.cpp")),
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=flags,
-            extra_link_args=["-fsanitize=address,undefined"] if sanitize else [],
+            # -pthread: the loops run on std::threads (glibc < 2.34 keeps them in libpthread)
+            extra_compile_args=flags + ["-pthread"],
+            extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"] if sanitize else []),
         )
     )
 
