@@ -208,14 +208,15 @@ void bind_whiten(py::array x, py::array lengths, bool keep_mean, py::array out) 
 }
 
 py::array bind_permutation(int64_t n, int64_t seed) {
+    if (n < 1) fail("n=", n, " must be >= 1");
     if (seed < 0) fail("seed=", seed, " must be >= 0");
-    std::vector<int64_t> perm;
+    py::array_t<int64_t> out(n);
+    int64_t* to = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        perm = permutation(n, static_cast<uint64_t>(seed));
+        const std::vector<int64_t> perm = permutation(n, static_cast<uint64_t>(seed));
+        std::copy(perm.begin(), perm.end(), to);
     }
-    py::array_t<int64_t> out(static_cast<py::ssize_t>(perm.size()));
-    std::copy(perm.begin(), perm.end(), out.mutable_data());
     return std::move(out);
 }
 
@@ -264,28 +265,33 @@ py::tuple bind_pack(py::array lengths, int64_t budget) {
         py::gil_scoped_release nogil;
         p = pack(ptr<int64_t>(lengths), n, budget);
     }
-    py::array_t<int64_t> row(n), offset(n);
-    std::copy(p.row_of_seq.begin(), p.row_of_seq.end(), row.mutable_data());
-    std::copy(p.offset_of_seq.begin(), p.offset_of_seq.end(), offset.mutable_data());
-    py::array_t<int64_t> position_ids({p.n_rows, budget}), segment_ids({p.n_rows, budget});
+    py::array_t<int64_t> row(n), offset(n), position_ids({p.n_rows, budget}), segment_ids({p.n_rows, budget});
+    int64_t* row_to = row.mutable_data();
+    int64_t* offset_to = offset.mutable_data();
     int64_t* pos = position_ids.mutable_data();
     int64_t* seg = segment_ids.mutable_data();
     {
         py::gil_scoped_release nogil;
+        std::copy(p.row_of_seq.begin(), p.row_of_seq.end(), row_to);
+        std::copy(p.offset_of_seq.begin(), p.offset_of_seq.end(), offset_to);
         packing_ids(ptr<int64_t>(lengths), n, budget, p, pos, seg);
     }
     return py::make_tuple(row, offset, position_ids, segment_ids);
 }
 
-// A Packing from the arrays pack() returned; n_rows and budget from `packed`.
+// A Packing from the arrays pack() returned (copied without the GIL); n_rows from `packed`.
 Packing packing_of(const py::array& lengths, const py::array& row_of_seq, const py::array& offset_of_seq,
                    py::ssize_t n_rows) {
     check_array<int64_t>(row_of_seq, "row_of_seq", {lengths.shape(0)});
     check_array<int64_t>(offset_of_seq, "offset_of_seq", {lengths.shape(0)});
+    const int64_t* row = ptr<int64_t>(row_of_seq);
+    const int64_t* offset = ptr<int64_t>(offset_of_seq);
+    const auto n = static_cast<size_t>(row_of_seq.shape(0));
     Packing p;
     p.n_rows = n_rows;
-    p.row_of_seq.assign(ptr<int64_t>(row_of_seq), ptr<int64_t>(row_of_seq) + row_of_seq.shape(0));
-    p.offset_of_seq.assign(ptr<int64_t>(offset_of_seq), ptr<int64_t>(offset_of_seq) + offset_of_seq.shape(0));
+    py::gil_scoped_release nogil;
+    p.row_of_seq.assign(row, row + n);
+    p.offset_of_seq.assign(offset, offset + n);
     return p;
 }
 

@@ -393,15 +393,19 @@ Moments masked_moments(const Batch& batch, const float* x, const char* name) {
 void whiten(const Batch& batch, const float* x, bool keep_mean, float* out) {
     const Moments m = masked_moments(batch, x, "x");
     const int64_t T = batch.max_len;
-    const float mean = static_cast<float>(m.mean);
+    // The mean as a float plus the float of what that drops: x - mean_hi is
+    // exact for x near the mean (Sterbenz), so a large mean over a small
+    // spread keeps its digits without double arithmetic per token.
+    const float mean_hi = static_cast<float>(m.mean);
+    const float mean_lo = static_cast<float>(m.mean - static_cast<double>(mean_hi));
     const float inv_std = static_cast<float>(1.0 / std::sqrt(m.var + 1e-8));
-    const float shift = keep_mean ? mean : 0.0f;
+    const float shift = keep_mean ? mean_hi : 0.0f;
     parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
         for (int64_t b = begin; b < end; ++b) {
             const int64_t len = batch.lengths[b];
             const float* in = x + b * T;
             float* o = out + b * T;
-            for (int64_t t = 0; t < len; ++t) o[t] = (in[t] - mean) * inv_std + shift;
+            for (int64_t t = 0; t < len; ++t) o[t] = ((in[t] - mean_hi) - mean_lo) * inv_std + shift;
             zero_tail(o, len, T);
         }
         return {};
