@@ -5,7 +5,9 @@
 #   PY=/path/to/venv/bin/python .ci/sanitize.sh      (as .ci/run calls it)
 #   .ci/sanitize.sh /path/to/venv/bin/python
 #
-# The python needs numpy, torch, pytest, hypothesis and pybind11, plus gcc.
+# The python needs numpy, torch, pytest and hypothesis, plus gcc; the build
+# requirements (pybind11, setuptools) are pip-installed into it when missing,
+# since `pip install -e .` keeps them in its isolated build environment.
 # The sanitized build goes to a temporary copy of the sources, so the normal
 # in-place build is left alone.  Fails on any sanitizer report, including a
 # leak from our code.  Python does not free everything at exit, so a short
@@ -28,6 +30,7 @@ cp -r setup.py pyproject.toml csrc minirlhf "$src/"
 cp -r tests/rollout "$src/tests/"
 find "$src" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 
+"$PY" -c "import pybind11, setuptools" 2>/dev/null || "$PY" -m pip install -q "pybind11>=2.11" "setuptools>=68"
 echo "sanitize: building minirlhf._rollout with MINIRLHF_SANITIZE=1 in $src"
 (cd "$src" && MINIRLHF_SANITIZE=1 "$PY" setup.py -q build_ext --inplace --build-temp "$work/build" >"$work/build.log" 2>&1) \
   || { cat "$work/build.log"; exit 1; }
