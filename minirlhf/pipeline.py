@@ -84,6 +84,24 @@ def stage(name: str, out_dir: Path, run: Callable[[bool], Path], resume: bool, w
     return out_dir
 
 
+def gold_curve(cfg: RunConfig, inputs: Inputs, sft_dir):
+    """PPO's `evaluate` callback: gold score on a fixed slice of the held-out prompts.
+
+    Evaluation only, for the curve in the report; the PPO reward never sees it."""
+    if inputs.gold_score is None:
+        return None
+    from .evaluate import evaluate_policy
+
+    tokenizer = checkpoint.load_tokenizer(sft_dir)
+    prompts = inputs.eval_prompts[:cfg.ppo.eval_prompts]
+
+    def evaluate(policy):
+        return evaluate_policy(policy, tokenizer, prompts, gold_score=inputs.gold_score,
+                               max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                               batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    return evaluate
+
+
 def _prepare(cfg: RunConfig, run_dir) -> tuple[Path, Inputs, Metrics]:
     use_all_cores()
     resolve_device(cfg.device)  # fail now, not after the first stage
@@ -135,17 +153,9 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
         cfg, run_dir / "rm", sft_dir=sft, comparisons=comparisons, metrics=metrics,
         gold_score=inputs.gold_score, resume=r))
 
-    from .evaluate import evaluate_policy
-
-    def ppo_eval(policy):
-        # gold curve during PPO, on a fixed slice of the held-out prompts: evaluation only
-        return evaluate_policy(policy, checkpoint.load_tokenizer(sft), inputs.eval_prompts[:cfg.ppo.eval_prompts],
-                               gold_score=inputs.gold_score, max_new_tokens=cfg.ppo.max_new_tokens,
-                               temperature=cfg.eval.temperature, seed=cfg.seed)
-
     ppo = track("ppo", run_dir / "ppo", lambda r: run_ppo(
         cfg, run_dir / "ppo", sft_dir=sft, rm_dir=rm, prompts=inputs.ppo_prompts, metrics=metrics,
-        evaluate=ppo_eval if inputs.gold_score else None, resume=r))
+        evaluate=gold_curve(cfg, inputs, sft), resume=r))
 
     from .report import evaluate_checkpoints, write_report
 
@@ -186,7 +196,7 @@ def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=
                                gold_score=inputs.gold_score, resume=r)
     else:
         run = lambda r: run_ppo(cfg, out, sft_dir=from_dir, rm_dir=rm_dir, prompts=inputs.ppo_prompts,  # noqa: E731
-                                metrics=metrics, resume=r)
+                                metrics=metrics, evaluate=gold_curve(cfg, inputs, from_dir), resume=r)
     return stage(name, out, run, resume, wall)
 
 
