@@ -79,6 +79,14 @@ def value_loss(values, old_values, returns, mask, value_clip: float):
     return 0.5 * masked_mean(err, mask)
 
 
+def score_rollouts(reward_model: Transformer, gen) -> torch.Tensor:
+    """The RM score of each rollout, read at its last response token (column P + length − 1
+    of the [left-padded prompt | right-padded response] layout)."""
+    tokens, attn = gen.full()
+    last = gen.prompt_tokens.size(1) + gen.lengths - 1
+    return scores(reward_model, tokens, attn, last)
+
+
 # ---------------------------------------------------------------- the stage
 def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], metrics: Metrics,
             evaluate=None, resume: bool = False) -> Path:
@@ -136,8 +144,7 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], met
 
         # 2. score: RM at the last token, old/ref log-probs and values per token -------
         with torch.no_grad(), autocast(device):
-            last = attn.long().sum(1) - 1
-            rm_score = scores(reward_model, tokens, attn, last)
+            rm_score = score_rollouts(reward_model, gen)
             old_logprobs = response_logprobs(policy, tokens, attn, P, pc.temperature) * mask
             ref_logprobs = response_logprobs(reference, tokens, attn, P, pc.temperature) * mask
             old_values = response_values(critic, tokens, attn, P) * mask

@@ -139,3 +139,23 @@ def test_ppo_advantages_unchanged_by_the_switch_to_the_buffer(tiny_checkpoints, 
     for a, b in zip(buffer, plain):
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_rollout_scores_are_read_at_each_responses_last_token(tiny_checkpoints):
+    """Left-padded prompts of different lengths: the score must equal that of the sequence alone."""
+    from minirlhf import checkpoint
+    from minirlhf.generate import generate
+    from minirlhf.stages.ppo import score_rollouts
+
+    cfg, run_dir = tiny_checkpoints
+    rm = checkpoint.load_model_from(run_dir / "rm").eval()
+    with torch.no_grad():  # a head that reads the hidden state, so positions matter
+        rm.scalar_head.weight.normal_(0, 1.0)
+    tok = checkpoint.load_tokenizer(run_dir / "rm")
+    prompts = [tok.prompt_ids(p) for p in ("Where is Quito?", "What are two facts about the dog? Answer briefly.")]
+    gen = generate(rm, prompts, max_new_tokens=6, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                   generator=torch.Generator().manual_seed(0))
+    got = score_rollouts(rm, gen)
+    for b, p in enumerate(prompts):
+        alone = torch.tensor([p + gen.tokens[b, :int(gen.lengths[b])].tolist()])
+        assert torch.allclose(got[b], rm.scalars(alone)[0, -1], atol=1e-5)
