@@ -33,6 +33,19 @@ def read_metrics(run_dir, stage: str | None = None) -> list[dict]:
     return [r for r in rows if stage is None or r["stage"] == stage]
 
 
+def stage_history(run_dir, stage: str) -> list[dict]:
+    """The rows of a stage's latest run. Each run of a stage logs a start row: a fresh
+    start (step 0) drops the rows of earlier runs, a resume from step k drops the rows
+    logged after that checkpoint by the run that was killed."""
+    rows: list[dict] = []
+    for r in read_metrics(run_dir, stage):
+        if r.get("event") == "start":
+            rows = [x for x in rows if x["step"] <= r["step"]]
+        else:
+            rows.append(r)
+    return rows
+
+
 def progress(total: int, desc: str, initial: int = 0):
     """A tqdm bar on stderr; it redraws rarely when stderr is not a terminal (CI logs)."""
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,

@@ -16,7 +16,7 @@ from . import checkpoint
 from .config import RunConfig
 from .device import resolve_device
 from .evaluate import evaluate_policy
-from .metrics import read_metrics
+from .metrics import stage_history
 
 
 def evaluate_checkpoints(cfg: RunConfig, checkpoints: dict[str, Path], *, rm_dir, ref_dir, inputs) -> dict:
@@ -104,7 +104,7 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_gold(evals, run_dir / "gold_by_stage.png")
-    _plot_ppo(read_metrics(run_dir, "ppo"), run_dir / "ppo_curves.png")
+    _plot_ppo(stage_history(run_dir, "ppo"), run_dir / "ppo_curves.png")
 
     lines = ["# minirlhf run report", "",
              f"{summary['eval_prompts']} held-out prompts, one sample each (temperature {cfg.eval.temperature}); "

@@ -127,6 +127,7 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], met
                                "kl_coef": kl_ctl.value})
 
     print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts")
+    metrics.log(STAGE, iteration, event="start")
     bar = progress(pc.iterations, "ppo", initial=iteration)
     last_eval: dict = {}
     while iteration < pc.iterations:

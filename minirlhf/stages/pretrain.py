@@ -100,6 +100,7 @@ def run_pretrain(cfg: RunConfig, out_dir, *, corpus: list[str], corpus_heldout: 
     n_params = model.num_params()
     print(f"[pretrain] {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
           f"{len(train_stream):,} training tokens, {len(eval_stream):,} held-out tokens")
+    metrics.log(STAGE, step, event="start")
     model.train()
     bar, speed = progress(pc.steps, "pretrain", initial=step), Throughput()
     eval_loss = float("nan")

@@ -191,6 +191,7 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
                         state={"optimizer": opt.state_dict()}, info=info)
 
     print(f"[rm] {len(train)} comparisons for training, {len(heldout)} held out, {total_steps} steps")
+    metrics.log(STAGE, step, event="start")
     model.train()
     bar = progress(total_steps, "rm", initial=step)
     while step < total_steps:

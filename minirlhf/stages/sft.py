@@ -101,6 +101,7 @@ def run_sft(cfg: RunConfig, out_dir, *, base_dir, demos: list[tuple[str, str]],
                                "bad_evals": bad_evals}, info=info)
 
     print(f"[sft] {len(demos)} demonstrations, {len(demos_heldout)} held out, {total_steps} steps")
+    metrics.log(STAGE, step, event="start")
     model.train()
     bar, speed = progress(total_steps, "sft", initial=step), Throughput()
     stopped_early = False
