@@ -16,4 +16,4 @@ def test_stage_history_keeps_the_latest_run(tmp_path):
     m.log("rm", 1, loss=0.5)
     assert [(r["step"], r["reward"]) for r in stage_history(tmp_path, "ppo")] == [
         (1, 11), (2, 12), (3, 23), (4, 24), (5, 25)]
-    assert len(read_metrics(tmp_path)) == 15 and len(read_metrics(tmp_path, "rm")) == 1
+    assert len(read_metrics(tmp_path)) == 14 and len(read_metrics(tmp_path, "rm")) == 1
