@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .metrics import progress
 from .model import Transformer
 
 
@@ -24,7 +25,7 @@ class Generation:
     logprobs: torch.Tensor        # (B, R) fp32, log-prob of each sampled token (0 on padding)
     mask: torch.Tensor            # (B, R) bool, True on response tokens (EOS included)
     lengths: torch.Tensor         # (B,) long, response lengths (EOS included)
-    hit_max: torch.Tensor         # (B,) bool, True where the response ran out of tokens before EOS
+    truncated: torch.Tensor       # (B,) bool, True where the response hit max_new_tokens without EOS
 
     def full(self):
         """(tokens, attention_mask) of prompt + response concatenated: (B, P + R)."""
@@ -109,4 +110,27 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     lengths = mask.sum(-1)
     width = max(int(lengths.max()), 1)  # drop columns every sequence left empty
     return Generation(prompt_tokens, prompt_mask, out_tokens[:, :width], out_logprobs[:, :width],
-                      mask[:, :width], lengths, hit_max=alive)
+                      mask[:, :width], lengths, truncated=alive)
+
+
+@torch.no_grad()
+def sample_responses(model: Transformer, tokenizer, prompts: list[str], *, n: int,
+                     max_new_tokens: int, temperature: float, batch_size: int, seed: int,
+                     desc: str | None = None) -> list[list[str]]:
+    """n sampled responses (decoded text) for each prompt: a list of n strings per prompt,
+    sampled in batches of batch_size sequences, seeded (same seed, same texts)."""
+    model.eval()
+    g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    flat = [p for p in prompts for _ in range(n)]
+    texts = []
+    bar = progress(len(flat), desc) if desc else None
+    for i in range(0, len(flat), batch_size):
+        chunk = flat[i:i + batch_size]
+        gen = generate(model, [tokenizer.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, generator=g)
+        texts += [tokenizer.decode(t) for t in gen.tokens]
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

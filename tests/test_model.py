@@ -139,9 +139,9 @@ def test_eos_stops_each_sequence_on_its_own():
             first = int((gen.tokens[b] == EOS).nonzero()[0])
             assert first == n - 1, "the response ends right after its first EOS"
             assert (gen.tokens[b, n:] == PAD).all() and (gen.logprobs[b, n:] == 0).all()
-            assert not gen.hit_max[b]
+            assert not gen.truncated[b]
         else:
-            assert n == 12 and gen.hit_max[b]
+            assert n == 12 and gen.truncated[b]
 
 
 def test_greedy_and_filters():

@@ -38,6 +38,79 @@ from .rm import scores
 STAGE = "ppo"
 
 
+# ---------------------------------------------------------------- bookkeeping: rewards, GAE, whitening
+# The readable definitions (plain torch). `--ppo.bookkeeping cpp` (the default) runs the same
+# three functions in C++ (minirlhf/rollout.py, csrc/), which the tests compare against these.
+# Layout: (B, T) float32, right-padded; response token t of sequence b sits at [b, t] for
+# t < lengths[b] (1 <= lengths[b] <= T). Padding may hold anything (NaN included) and is 0
+# in every output.
+
+def response_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) bool: True at the response tokens t < lengths[b]."""
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def per_token_rewards(logprobs, ref_logprobs, scores, lengths, kl_coef: float, *, truncated=None,
+                      truncation_penalty: float = 0.0, reward_clip: float | None = None) -> torch.Tensor:
+    """The per-token reward of InstructGPT (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019, eq. 2):
+
+        r_t = −β · (log π_old(y_t) − log π_ref(y_t))            every response token t
+        r_T += clip(RM score, ±reward_clip) + truncation_penalty · truncated     last token T
+
+    logprobs, ref_logprobs: (B, T) float32; scores: (B,) float32, the RM score of each response;
+    lengths: (B,) int64; kl_coef β >= 0; truncated: (B,) bool, True where the response hit
+    max_new_tokens without EOS (None: none did); reward_clip: None = off. Returns (B, T) float32.
+    """
+    mask = response_mask(lengths, logprobs.shape[1])
+    kl = torch.where(mask, logprobs - ref_logprobs, 0.0)    # the per-token KL estimate k1
+    rewards = -kl_coef * kl
+    score = scores.float()
+    if reward_clip is not None:
+        score = score.clamp(-reward_clip, reward_clip)
+    if truncated is not None:
+        score = score + truncation_penalty * truncated.float()
+    last = (lengths - 1)[:, None]
+    return rewards.scatter_add(1, last, score[:, None])     # the sequence-level reward on the last token
+
+
+def gae(rewards, values, lengths, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16) per sequence:
+
+        δ_t = r_t + γ · V(s_{t+1}) − V(s_t)          V = 0 after the last token (the episode ends)
+        A_t = δ_t + γ · λ · A_{t+1}
+        returns_t = A_t + V(s_t)                     the critic's regression target
+
+    rewards, values: (B, T) float32; lengths: (B,) int64; gamma, lam in [0, 1].
+    Returns (advantages, returns), each (B, T) float32, 0 on padding.
+    """
+    mask = response_mask(lengths, rewards.shape[1])
+    rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def whiten(x, lengths, shift_mean: bool = True) -> torch.Tensor:
+    """Advantage whitening over the valid tokens of the batch: (x − mean) / sqrt(var + 1e-8),
+    var unbiased, the moments accumulated in float64. shift_mean=False adds the mean back
+    (only the scale changes). x: (B, T) float32 with >= 2 valid tokens in all; (B, T) float32.
+    """
+    mask = response_mask(lengths, x.shape[1])
+    valid = x[mask].double()
+    if valid.numel() < 2:
+        raise ValueError(f"whitening needs at least 2 valid tokens, got {valid.numel()}")
+    mean, var = valid.mean(), valid.var(unbiased=True)
+    out = (x.double() - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out.float(), 0.0)
+
+
 # ---------------------------------------------------------------- KL controllers
 class FixedKLController:
     def __init__(self, kl_coef: float):
@@ -155,7 +228,7 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], met
         lengths = gen.lengths.cpu()
         kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate log π_old − log π_ref
         rewards = rollout.assemble_rewards(old_logprobs.cpu(), ref_logprobs.cpu(), rm_score.float().cpu(), lengths,
-                                           kl_ctl.value, hit_max=gen.hit_max.cpu(), no_eos_penalty=pc.no_eos_penalty,
+                                           kl_ctl.value, hit_max=gen.truncated.cpu(), no_eos_penalty=pc.no_eos_penalty,
                                            reward_clip=pc.reward_clip or None)
         # 4. GAE(γ, λ) per sequence over its true length; returns = A + V; advantage whitening
         advantages, returns = rollout.gae(rewards, old_values.cpu(), lengths, pc.gamma, pc.lam)

@@ -30,7 +30,7 @@ from .. import checkpoint, optim
 from ..config import RunConfig
 from ..data import Comparison, pairs_from_ranking, write_jsonl
 from ..device import autocast, resolve_device
-from ..generate import generate
+from ..generate import sample_responses
 from ..metrics import Metrics, progress
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -40,28 +40,6 @@ STAGE = "rm"
 
 
 # ---------------------------------------------------------------- comparison data
-@torch.no_grad()
-def sample_responses(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *, n: int,
-                     max_new_tokens: int, temperature: float, batch_size: int, seed: int,
-                     desc: str | None = None) -> list[list[str]]:
-    """n sampled responses (decoded text) for each prompt."""
-    model.eval()
-    g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    flat = [p for p in prompts for _ in range(n)]
-    texts = []
-    bar = progress(len(flat), desc) if desc else None
-    for i in range(0, len(flat), batch_size):
-        chunk = flat[i:i + batch_size]
-        gen = generate(model, [tokenizer.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, generator=g)
-        texts += [tokenizer.decode(t) for t in gen.tokens]
-        if bar:
-            bar.update(len(chunk))
-    if bar:
-        bar.close()
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
 def collect_rankings(cfg: RunConfig, sft_dir, prompts: list[str], annotator, out_path) -> list[Comparison]:
     """Sample K responses per prompt from the SFT policy; the annotator ranks them; save as JSONL."""
     device = resolve_device(cfg.device)
