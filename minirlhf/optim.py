@@ -28,10 +28,21 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def step(optimizer, model: torch.nn.Module, loss: torch.Tensor, grad_clip: float) -> float:
-    """Backward, clip the global gradient norm, update; returns the pre-clip norm."""
+def step(optimizer, models, loss: torch.Tensor, grad_clip: float | None) -> float:
+    """Backward, clip the global gradient norm (None: no clipping), update; returns the pre-clip norm.
+
+    models: one module or a list of them (their gradients are clipped together). A non-finite
+    loss or gradient norm raises NonFiniteError before the update, so the weights stay as
+    they were (the stage stops and keeps its last good checkpoint)."""
+    from .checkpoint import NonFiniteError
+
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+    params = [p for m in (models if isinstance(models, (list, tuple)) else [models]) for p in m.parameters()]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    if not torch.isfinite(norm):
+        raise NonFiniteError(f"gradient norm is {norm.item()}")
     optimizer.step()
     return float(norm)

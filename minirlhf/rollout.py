@@ -456,3 +456,10 @@ class RolloutBuffer:
 
                 batch = {k: torch.from_numpy(v) for k, v in batch.items()}
             yield batch
+
+
+def per_token_rewards(logprobs, ref_logprobs, scores, lengths, kl_coef, *, truncated=None, truncation_penalty=0.0,
+                      reward_clip=None):
+    """assemble_rewards under the name and arguments of stages/ppo.py's torch definition."""
+    return assemble_rewards(logprobs, ref_logprobs, scores, lengths, kl_coef, hit_max=truncated,
+                            no_eos_penalty=truncation_penalty, reward_clip=reward_clip)

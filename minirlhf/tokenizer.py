@@ -92,3 +92,33 @@ class Tokenizer:
         """(token ids, response mask) of one exchange; the mask is 1 exactly on response tokens + eos."""
         p, r = self.prompt_ids(prompt), self.response_ids(response)
         return p + r, [0] * len(p) + [1] * len(r)
+
+
+# ---- batches of framed exchanges and documents, as tensors ----
+def frame_batch(tokenizer, pairs, max_len: int):
+    """(tokens, attention_mask, response_mask), each (B, T) with T <= max_len, right-padded.
+
+    Each (prompt, response) is framed by `tokenizer.frame`. An exchange longer than max_len
+    is cut on the left: the end of the prompt and the whole response (with the EOS the
+    reward model reads) are kept; only a response longer than max_len itself loses its start."""
+    import torch
+
+    framed = [tokenizer.frame(p, r) for p, r in pairs]
+    T = min(max_len, max(len(ids) for ids, _ in framed))
+    tokens = torch.full((len(framed), T), tokenizer.pad_id, dtype=torch.long)
+    attn = torch.zeros((len(framed), T), dtype=torch.bool)
+    resp = torch.zeros((len(framed), T), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(framed):
+        ids, mask = ids[-T:], mask[-T:]  # left truncation
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        attn[i, :len(ids)] = True
+        resp[i, :len(ids)] = torch.tensor(mask, dtype=torch.bool)
+    return tokens, attn, resp
+
+
+def token_stream(tokenizer, texts):
+    """The documents packed into one (N,) int64 stream: bos doc eos bos doc eos ..."""
+    import torch
+
+    return torch.tensor([t for ids in tokenizer.encode_batch(list(texts))
+                         for t in [tokenizer.bos_id, *ids, tokenizer.eos_id]], dtype=torch.long)
