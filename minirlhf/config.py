@@ -16,7 +16,7 @@ def knob(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None
     """A dataclass field with a help text for --help and its valid range.
 
     ge/gt/le/lt: bounds (>=, >, <=, <) of a number; choices: the allowed values. None is
-    always allowed for a field whose default is None (that is its off-switch)."""
+    allowed for a field typed `X | None` (that is its off-switch)."""
     rng = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
            if v is not None}
     return field(default=default, metadata={"help": help, "range": rng})
@@ -215,15 +215,20 @@ def field_range(section: str | None, f: dataclasses.Field) -> dict:
     return f.metadata.get("range", {})
 
 
+def _optional(f: dataclasses.Field) -> bool:
+    """Whether None (the off-switch) is a valid value of the field."""
+    return "None" in str(f.type)
+
+
 def validate(cfg: RunConfig) -> None:
     """Every field against its range, then the relations between fields; one line per mistake."""
     for f in dataclasses.fields(RunConfig):
         if f.name not in SECTIONS:
-            check_range(f.name, getattr(cfg, f.name), field_range(None, f), f.default is None)
+            check_range(f.name, getattr(cfg, f.name), field_range(None, f), _optional(f))
     for section in SECTIONS:
         sub = getattr(cfg, section)
         for f in dataclasses.fields(sub):
-            check_range(f"{section}.{f.name}", getattr(sub, f.name), field_range(section, f), f.default is None)
+            check_range(f"{section}.{f.name}", getattr(sub, f.name), field_range(section, f), _optional(f))
     relations = [
         ("ppo.minibatch_size", cfg.ppo.minibatch_size, cfg.ppo.minibatch_size <= cfg.ppo.batch_size,
          f"must be at most ppo.batch_size={cfg.ppo.batch_size}"),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .device import autocast
 from .generate import generate
+from .loop import fault_point
 from .logprobs import response_logprobs
 from .model import Transformer
 from .reward import score_rollouts
@@ -118,7 +119,8 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], *, rm_dir, ref_dir, promp
     ref = checkpoint.load_model_from(ref_dir, device=device).eval()
     heldout = token_stream(tokenizer, corpus_heldout)
     results = {}
-    for name, d in checkpoints.items():
+    for i, (name, d) in enumerate(checkpoints.items()):
+        fault_point("eval", i)
         t0 = time.time()
         model = checkpoint.load_model_from(d, device=device).eval()
         r = evaluate_policy(model, tokenizer, prompts, gold_score=gold_score, rm=rm, ref=ref,

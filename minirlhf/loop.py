@@ -29,6 +29,12 @@ from .metrics import Metrics, progress
 KILL_AT_ENV = "MINIRLHF_KILL_AT"
 
 
+def fault_point(stage: str, step: int) -> None:
+    """Die here (SIGKILL, like a crash) if MINIRLHF_KILL_AT names this stage and step."""
+    if os.environ.get(KILL_AT_ENV) == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class StageStopped(RuntimeError):
     """A stage cannot go on (a non-finite value); the message is one line naming the stage and step."""
 
@@ -78,7 +84,6 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     last resume checkpoint on disk is the last good one."""
     metrics.log(stage, step, event="start")
     bar = progress(total, stage, initial=step)
-    kill_at = os.environ.get(KILL_AT_ENV)
     try:
         while step < total:
             try:
@@ -95,8 +100,7 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
             bar.update(1)
             if save_every and step % save_every == 0 and step < total and not stop:
                 save(step, finished=False)
-            if kill_at == f"{stage}:{step}":
-                os.kill(os.getpid(), signal.SIGKILL)
+            fault_point(stage, step)
             if stop:
                 break
     finally:

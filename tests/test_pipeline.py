@@ -13,13 +13,6 @@ from minirlhf.config import PRESETS
 from minirlhf.pipeline import load_inputs, run_train
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    summary = run_train(PRESETS["tiny"](), run_dir)
-    return run_dir, summary
-
-
 def test_train_writes_every_artefact(tiny_run):
     run_dir, summary = tiny_run
     for stage in ("pretrain", "sft", "rm", "ppo"):

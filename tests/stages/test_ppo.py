@@ -84,15 +84,11 @@ def test_explained_variance_by_hand():
     assert math.isclose(explained_variance(returns, returns, mask), 1.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
+@pytest.fixture
+def tiny_checkpoints(tiny_run):
     from minirlhf.config import PRESETS
-    from minirlhf.pipeline import run_train
 
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = PRESETS["tiny"]()
-    run_train(cfg, run_dir)
-    return cfg, run_dir
+    return PRESETS["tiny"](), tiny_run[0]
 
 
 def test_bookkeeping_switch_gives_the_same_advantages(tiny_checkpoints, tmp_path, monkeypatch):
