@@ -1,11 +1,10 @@
 """The frame every training stage shares, written once: load or resume, the step loop with
 its metrics, progress bar and periodic resume checkpoints, and the final save.
 
-    models, state = start(out_dir, resume=..., init=lambda: {"model": ...}, device=...)
-    step = restore(state, optimizers)                      # 0 for a fresh start
-    save = saver(out_dir, stage, models, tokenizer, optimizers, extra_state)
-    step = loop(stage, step, total, train_step, save, metrics, save_every=..., show=(...))
-    finish(out_dir, save, step, info, evaluate=...)        # saved first, evaluated second
+    run = open_stage(out_dir, stage, resume=..., device=..., init=lambda: {"model": ...},
+                     optimizers=lambda models: {"model": AdamW(...)}, tokenizer=..., extra_state=...)
+    step = loop(stage, run.step, total, train_step, run.save, metrics, save_every=..., show=(...))
+    finish(out_dir, run.save, step, info, evaluate=...)    # saved first, evaluated second
 
 A stage is a plain function that builds its models and data, defines `train_step(step) ->
 metrics row`, and calls these. Nothing here knows what a stage trains.
@@ -18,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import checkpoint
 from .checkpoint import NonFiniteError
@@ -37,6 +36,27 @@ def fault_point(stage: str, step: int) -> None:
 
 class StageStopped(RuntimeError):
     """A stage cannot go on (a non-finite value); the message is one line naming the stage and step."""
+
+
+class Run(NamedTuple):
+    """What open_stage gives a stage: its models and optimizers (by name), the resume state
+    (None for a fresh start), the step to continue from, and save(step, finished, info=None)."""
+    models: dict
+    optimizers: dict
+    state: dict | None
+    step: int
+    save: Callable
+
+
+def open_stage(out_dir, stage: str, *, resume: bool, device, init: Callable[[], dict], optimizers: Callable,
+               tokenizer, names=("model",), extra_state: Callable[[], dict] = dict) -> Run:
+    """Load or resume a stage: its models (from out_dir's checkpoint when resuming, else init()),
+    optimizers(models) with their states, every RNG and the step restored from the checkpoint,
+    and the save function (see saver). A stage restores its own extras from run.state."""
+    models, state = start(out_dir, resume=resume, init=init, device=device, names=names)
+    opts = optimizers(models)
+    step = restore(state, opts)
+    return Run(models, opts, state, step, saver(out_dir, stage, models, tokenizer, opts, extra_state))
 
 
 def start(out_dir, *, resume: bool, init: Callable[[], dict], device, names=("model",)):

@@ -149,8 +149,9 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
         if cfg.sft.batch_size > n_demos:
             notes.append(f"sft.batch_size={cfg.sft.batch_size} > {n_demos} demonstrations: one batch of all of them")
     if "rm" in stages and inputs.preferences is not None:
-        held = max(1, int(len(inputs.preferences) * cfg.rm.heldout_fraction)) if cfg.rm.heldout_fraction else 0
-        if len(inputs.preferences) - held < 1:
+        from .stages.rm import heldout_split
+
+        if not heldout_split(inputs.preferences, cfg.rm.heldout_fraction, cfg.seed)[1]:
             raise ValueError(f"{cfg.data.preferences}:0: file: {len(inputs.preferences)} comparison(s) with a "
                              f"preference; after holding out rm.heldout_fraction={cfg.rm.heldout_fraction} none is left "
                              f"to train on (give more, or --rm.heldout_fraction 0)")

@@ -189,19 +189,18 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
     # The critic starts as a copy of the RM (InstructGPT): its trunk already reads how good a
     # response is and its head already outputs the reward's scale, so the first value estimates
     # are near the returns and the first advantages are not dominated by critic error.
-    models, state = loop.start(out_dir, resume=resume, device=device, names=("model", "critic"),
-                               init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device),
-                                             "critic": checkpoint.load_model_from(rm_dir, device=device)})
-    policy, critic = models["model"], models["critic"]
+    kl_ctl = kl_controller(pc)
+    run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer, names=("model", "critic"),
+                          init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device),
+                                        "critic": checkpoint.load_model_from(rm_dir, device=device)},
+                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, 0.0),
+                                                "critic": optim.make_optimizer(m["critic"], pc.critic_lr, 0.0)},
+                          extra_state=lambda: {"kl_coef": kl_ctl.value})
+    policy, critic, optimizers = run.models["model"], run.models["critic"], run.optimizers
+    if run.state is not None:
+        kl_ctl.value = run.state["kl_coef"]
     reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
     reward_model = checkpoint.load_model_from(rm_dir, device=device).eval().requires_grad_(False)
-    optimizers = {"model": optim.make_optimizer(policy, pc.lr, 0.0),
-                  "critic": optim.make_optimizer(critic, pc.critic_lr, 0.0)}
-    kl_ctl = kl_controller(pc)
-    iteration = loop.restore(state, optimizers)
-    if state is not None:
-        kl_ctl.value = state["kl_coef"]
-    save = loop.saver(out_dir, STAGE, models, tokenizer, optimizers, extra_state=lambda: {"kl_coef": kl_ctl.value})
     bookkeeping = rollout if pc.bookkeeping == "cpp" else TORCH_BOOKKEEPING
     last_eval: dict = {}
     print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts")
@@ -297,10 +296,10 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                 row["gold"] = last_eval["gold_mean"]
         return row
 
-    iteration = loop.loop(STAGE, iteration, pc.iterations, train_step, save, metrics, save_every=pc.save_every,
+    iteration = loop.loop(STAGE, run.step, pc.iterations, train_step, run.save, metrics, save_every=pc.save_every,
                           show=("rm_score", "kl_to_ref", "kl_coef", "gold"))
     info = {"iterations": iteration, "kl_coef": kl_ctl.value, "wall_s": round(time.time() - t0, 1)}
-    loop.finish(out_dir, save, iteration, info, stage=STAGE)
+    loop.finish(out_dir, run.save, iteration, info, stage=STAGE)
     print(f"[ppo] done in {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir
 

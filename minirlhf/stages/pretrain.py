@@ -45,17 +45,15 @@ def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpu
         torch.manual_seed(cfg.seed)
         return {"model": Transformer(cfg.model).to(device)}
 
-    models, state = loop.start(out_dir, resume=resume, init=init, device=device)
-    model = models["model"]
+    data_rng = torch.Generator().manual_seed(cfg.seed)  # the windows' offsets
+    run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer, init=init,
+                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, pc.weight_decay)},
+                          extra_state=lambda: {"data_rng": data_rng.get_state()})
+    model, opt = run.models["model"], run.optimizers["model"]
+    if run.state is not None:
+        data_rng.set_state(run.state["data_rng"])
     train_stream = token_stream(tokenizer, corpus)
     eval_stream = token_stream(tokenizer, corpus_heldout)
-    opt = optim.make_optimizer(model, pc.lr, pc.weight_decay)
-    data_rng = torch.Generator().manual_seed(cfg.seed)
-    step = loop.restore(state, {"model": opt})
-    if state is not None:
-        data_rng.set_state(state["data_rng"])
-    save = loop.saver(out_dir, STAGE, models, tokenizer, {"model": opt},
-                      extra_state=lambda: {"data_rng": data_rng.get_state()})
 
     n_params = model.num_params()
     print(f"[pretrain] {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
@@ -82,7 +80,7 @@ def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpu
             last_eval.update(row)
         return row
 
-    step = loop.loop(STAGE, step, pc.steps, train_step, save, metrics, save_every=pc.save_every,
+    step = loop.loop(STAGE, run.step, pc.steps, train_step, run.save, metrics, save_every=pc.save_every,
                      show=("loss", "eval_loss", "tokens_per_s"))
     eval_loss = last_eval["eval_loss"]
     if math.isnan(eval_loss):  # resumed past the last evaluation step
@@ -90,7 +88,7 @@ def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpu
                                 device)
     info = {"eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "wall_s": round(time.time() - t0, 1),
             "params": n_params}
-    loop.finish(out_dir, save, step, info, stage=STAGE)
+    loop.finish(out_dir, run.save, step, info, stage=STAGE)
     print(f"[pretrain] done: held-out loss {eval_loss:.3f} (perplexity {math.exp(eval_loss):.2f}) "
           f"in {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir

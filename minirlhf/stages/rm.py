@@ -77,6 +77,14 @@ def drop_tied_pairs(tokenizer, comparisons: list[Comparison], max_len: int) -> t
     return kept, dropped
 
 
+def heldout_split(comparisons: list[Comparison], fraction: float, seed: int):
+    """(heldout, train): a seeded shuffle, then max(1, fraction · n) comparisons held out (none if fraction is 0)."""
+    comparisons = list(comparisons)
+    random.Random(seed).shuffle(comparisons)
+    n_held = max(1, int(len(comparisons) * fraction)) if fraction > 0 else 0
+    return comparisons[:n_held], comparisons[n_held:]
+
+
 def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], metrics: Metrics,
            gold_score=None, resume: bool = False) -> Path:
     """Train the reward model on comparisons; returns its checkpoint directory.
@@ -89,10 +97,7 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
     tokenizer = checkpoint.load_tokenizer(sft_dir)
     max_len = cfg.model.max_seq_len
 
-    comparisons = list(comparisons)
-    random.Random(cfg.seed).shuffle(comparisons)
-    n_held = max(1, int(len(comparisons) * rc.heldout_fraction)) if rc.heldout_fraction > 0 else 0
-    heldout, train = comparisons[:n_held], comparisons[n_held:]
+    heldout, train = heldout_split(comparisons, rc.heldout_fraction, cfg.seed)
     train, tied = drop_tied_pairs(tokenizer, train, max_len)
     if tied:
         print(f"[rm] warning: {tied} training pair(s) have identical responses after framing (same text, or "
@@ -102,12 +107,10 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total_steps = rc.epochs * steps_per_epoch
 
-    models, state = loop.start(out_dir, resume=resume, device=device,
-                               init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device)})
-    model = models["model"]
-    opt = optim.make_optimizer(model, rc.lr, rc.weight_decay)
-    step = loop.restore(state, {"model": opt})
-    save = loop.saver(out_dir, STAGE, models, tokenizer, {"model": opt})
+    run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer,
+                          init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device)},
+                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], rc.lr, rc.weight_decay)})
+    model, opt = run.models["model"], run.optimizers["model"]
 
     print(f"[rm] {len(train)} comparisons for training, {len(heldout)} held out, {total_steps} steps")
     model.train()
@@ -127,7 +130,7 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
         acc = (r[better] > r[worse]).float().mean().item()
         return {"loss": loss.item(), "acc": acc, "lr": lr, "grad_norm": grad_norm}
 
-    step = loop.loop(STAGE, step, total_steps, train_step, save, metrics, save_every=rc.save_every,
+    step = loop.loop(STAGE, run.step, total_steps, train_step, run.save, metrics, save_every=rc.save_every,
                      show=("loss", "acc"))
 
     # centre the RM: mean score 0 over the training responses (a shift of the head's bias only)
@@ -143,7 +146,7 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
         metrics.log(STAGE, step, **{f"heldout_{k}": v for k, v in acc.items() if v is not None})
         return acc
 
-    info = loop.finish(out_dir, save, step, info, evaluate=evaluate, stage=STAGE)
+    info = loop.finish(out_dir, run.save, step, info, evaluate=evaluate, stage=STAGE)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in info.items() if k.startswith("acc") and v is not None)
     print(f"[rm] done: held-out {shown or 'accuracy n/a'} in {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir

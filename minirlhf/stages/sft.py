@@ -68,16 +68,15 @@ def run_sft(cfg: RunConfig, out_dir, *, base_dir, demos: list[tuple], demos_held
     steps_per_epoch = math.ceil(len(demos) / sc.batch_size)
     total_steps = sc.epochs * steps_per_epoch
 
-    models, state = loop.start(out_dir, resume=resume, device=device,
-                               init=lambda: {"model": checkpoint.load_model_from(base_dir, device=device)})
-    model = models["model"]
-    opt = optim.make_optimizer(model, sc.lr, sc.weight_decay)
-    step = loop.restore(state, {"model": opt})
     # early stopping on held-out loss: the best weights so far, and evaluations since they improved
     best = {"loss": float("inf"), "weights": None, "bad_evals": 0}
-    if state is not None:
-        best.update(state["best"])
-    save = loop.saver(out_dir, STAGE, models, tokenizer, {"model": opt}, extra_state=lambda: {"best": best})
+    run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer,
+                          init=lambda: {"model": checkpoint.load_model_from(base_dir, device=device)},
+                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], sc.lr, sc.weight_decay)},
+                          extra_state=lambda: {"best": best})
+    model, opt = run.models["model"], run.optimizers["model"]
+    if run.state is not None:
+        best.update(run.state["best"])
 
     print(f"[sft] {len(demos)} demonstrations, {len(demos_heldout)} held out, {total_steps} steps")
     model.train()
@@ -107,14 +106,14 @@ def run_sft(cfg: RunConfig, out_dir, *, base_dir, demos: list[tuple], demos_held
                 row["stop"] = sc.patience is not None and best["bad_evals"] >= sc.patience  # early stopping
         return row
 
-    end = loop.loop(STAGE, step, total_steps, train_step, save, metrics, save_every=sc.save_every,
+    end = loop.loop(STAGE, run.step, total_steps, train_step, run.save, metrics, save_every=sc.save_every,
                     show=("loss", "eval_loss", "tokens_per_s"))
     stopped_early = end < total_steps
     if best["weights"] is not None:
         model.load_state_dict(best["weights"])
     info = {"eval_loss": best["loss"], "steps": end, "stopped_early": stopped_early, "demos": len(demos),
             "wall_s": round(time.time() - t0, 1)}
-    loop.finish(out_dir, save, end, info, stage=STAGE)
+    loop.finish(out_dir, run.save, end, info, stage=STAGE)
     print(f"[sft] done: best held-out loss {best['loss']:.3f} after {end} steps"
           f"{' (early stop)' if stopped_early else ''} in {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir
