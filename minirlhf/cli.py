@@ -77,6 +77,22 @@ def apply_overrides(cfg: C.RunConfig, overrides: dict[str, str]) -> C.RunConfig:
     return C.replace(cfg, **top, **nested)
 
 
+def bounded(kind: type, **rng):
+    """An argparse type: kind(text) within the range (config.knob's ge/gt/le/lt), else a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        try:
+            C.check_range("value", value, rng, False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} must be {C.describe_range(rng)}") from None
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 class UserError(ValueError):
     """A mistake in the command line; reported in one line, exit 2."""
 
@@ -143,18 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             sp.add_argument("--ckpt", required=True, help="checkpoint directory of any stage")
             sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-            sp.add_argument("--n", type=int, default=1, help="samples per prompt")
-            sp.add_argument("--max-new-tokens", type=int, default=48)
-            sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-            sp.add_argument("--top-k", type=int, default=0, help="0 = off")
-            sp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-            sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--n", type=bounded(int, ge=1), default=1, help="samples per prompt")
+            sp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=48)
+            sp.add_argument("--temperature", type=bounded(float, ge=0), default=0.8, help="0 = greedy")
+            sp.add_argument("--top-k", type=bounded(int, ge=0), default=0, help="0 = off")
+            sp.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0, help="1 = off")
+            sp.add_argument("--seed", type=bounded(int, ge=0), default=0)
             sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
         if name == "data":
             sp.add_argument("action", choices=["export"])
             sp.add_argument("dir", help="output directory")
             sp.add_argument("--preset", default="quick", choices=sorted(C.PRESETS))
-            sp.add_argument("--seed", type=int, default=None, help="task seed (default: the preset's)")
+            sp.add_argument("--seed", type=bounded(int, ge=0), default=None, help="task seed (default: the preset's)")
     return p
 
 
