@@ -318,6 +318,12 @@
     e.preventDefault();
   });
 
+  // a button clicked with the mouse gives its focus back, so Enter submits rather than
+  // pressing that button again; a button reached with Tab keeps it (Enter / Space press it)
+  document.addEventListener("click", (e) => {
+    const b = e.target.closest("button");
+    if (b && e.detail > 0) b.blur();
+  });
   $("submit").addEventListener("click", submit);
   $("back").addEventListener("click", takeBack);
   $("pick-left").addEventListener("click", () => judgeCompare("left"));
