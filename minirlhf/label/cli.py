@@ -220,7 +220,11 @@ def main(args) -> int:
         pass
     finally:
         server.server_close()
-        store.close()
+        if server.state is not None:
+            with server.state.lock:  # let a judgement being written finish first
+                store.close()
+        else:
+            store.close()
     if server.state is not None:
         s = server.state.summary()
         print(f"\n[label] stopped: {s['done']} of {s['total']} judgements in {out} ({s['sessions']} sessions)")
