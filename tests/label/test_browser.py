@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1180,860", "--force-device-scale-factor=1"]
+                "--window-size=1100,700", "--force-device-scale-factor=1"]
 
 
 def _missing() -> str | None:
@@ -144,13 +144,19 @@ def test_rank_skip_undo_by_keyboard_and_mouse_then_compare(driver, tmp_path):
         #    last one to the top, and submit with a click
         lima = items[1].responses
         page.wait_prompt(items[1].prompt)
-        for text in (lima[0], lima[1], lima[2]):
+        for text in (lima[0], lima[1]):
             page.drag(page.pool_card(text), page.el("#ranking-zone"), dy=100)
+        tie = page.el("#ranking .card:nth-child(2) button.tie")
+        tie.click()  # tie "Peru" with "Lima is in Peru." ...
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1=", "#1="]
+        _screenshot(driver, "label-rank.png")
+        page.el("#ranking .card:nth-child(2) button.tie").click()  # ... and take it back
+        page.drag(page.pool_card(lima[2]), page.el("#ranking-zone"), dy=100)
         assert page.ranked_texts() == [lima[0], lima[1], lima[2], lima[3]]
         last, first = page.els("#ranking .card")[-1], page.els("#ranking .card")[0]
         page.drag(last, first, dy=-first.size["height"] // 2 + 4)
         assert page.ranked_texts() == [lima[3], lima[0], lima[1], lima[2]]
-        _screenshot(driver, "label-rank.png")
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1", "#2", "#3", "#4"]
         page.el("#submit").click()
 
         # 3. skip by key, undo it (the same prompt comes back), rank it by clicking cards
@@ -202,6 +208,5 @@ def test_rank_skip_undo_by_keyboard_and_mouse_then_compare(driver, tmp_path):
         _wait(driver, lambda: page.el("#done-view").is_displayed(), "the done view")
         assert page.el("#r-a").text == "runs/a/sft"
         assert page.el("#r-n").text.startswith("2:")
-        _screenshot(driver, "label-compare-result.png")
     rows = read_rows(out)
     assert [r["winner"] for r in rows] == ["A" if left == pairs[0].responses[0] else "B", "tie"]

@@ -301,3 +301,21 @@ def test_the_page_is_static_and_text_only_reaches_it_as_json(tmp_path):
         assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js
         status, headers, data = c.raw("POST", "/api/next", b"{}", {"Content-Type": "application/json"})
         assert headers["Content-Type"] == "application/json"
+
+
+def test_every_static_file_ships_as_package_data():
+    """pyproject's package-data must cover every file of static/, or a normal (non-editable)
+    install serves a page without it."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import minirlhf.label
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["minirlhf.label"]
+    static = Path(minirlhf.label.__file__).parent / "static"
+    files = [f"static/{p.name}" for p in static.iterdir()]
+    assert {"static/index.html", "static/label.js", "static/label.css"} <= set(files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f

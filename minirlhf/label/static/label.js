@@ -261,7 +261,10 @@
     $("bar").value = p.done;
     $("count").textContent = `${p.done} / ${p.total} done`;
     const parts = [];
-    if (p.judged) parts.push(`you: ${p.judged} judged, ${p.mean_seconds} s each on average (last ${p.last_seconds} s)`);
+    if (p.judged) {
+      parts.push(`you: ${p.judged} judged, ${p.mean_seconds.toFixed(1)} s per judgement on average ` +
+                 `(last ${p.last_seconds.toFixed(1)} s)`);
+    }
     if (p.skipped) parts.push(`${p.skipped} skipped`);
     $("timing").textContent = parts.join(", ");
     $("prompt-box").hidden = !item;
