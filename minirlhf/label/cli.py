@@ -46,15 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "--compare); rerun with the same --out to continue")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1",
-                     help="address to bind; any non-loopback address requires the printed access token")
-    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free one)")
+                     help="address to bind; any non-loopback address requires the printed access token (default %(default)s)")
+    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help="port, 0 for any free one (default %(default)s)")
     srv.add_argument("--overlap", type=float, default=0.0,
-                     help="fraction of prompts given to two annotators, for --agreement (0..1)")
-    srv.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the overlapped prompts")
+                     help="fraction of prompts given to two annotators, for --agreement (0..1, default %(default)s)")
+    srv.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the overlapped prompts (default %(default)s)")
     smp = p.add_argument_group("sampling")
-    smp.add_argument("--max-new-tokens", type=int, default=48)
-    smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    smp.add_argument("--batch-size", type=int, default=32, help="sequences sampled at once")
+    smp.add_argument("--max-new-tokens", type=int, default=48, help="(default %(default)s)")
+    smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
+    smp.add_argument("--batch-size", type=int, default=32, help="sequences sampled at once (default %(default)s)")
     smp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 

@@ -225,6 +225,7 @@ class LabelState:
         """The session's current item (a new session when body has no "session")."""
         with self.lock:
             sid = self._session(body, create=True)
+            _check_keys(body, {"session"})
             self._offer(sid)
             return self._view(sid)
 

@@ -45,7 +45,10 @@ class LabelFile:
         if not self.path.parent.is_dir():
             raise ValueError(f"--out {self.path}: directory {self.path.parent} does not exist")
         created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"--out {self.path}: cannot open for writing ({e.strerror or e})") from None
         try:
             self._lock()
             if created:

@@ -118,6 +118,7 @@ class Server:
         return self.proc.returncode, "".join(self.lines) + out
 
 
+@pytest.mark.slow  # a subprocess: a few seconds
 def test_label_a_checkpoint_then_train_the_reward_model_on_the_file(files, tiny_ckpt):
     d, prompts, _ = files
     out = d / "labels.jsonl"
@@ -149,6 +150,7 @@ def test_label_a_checkpoint_then_train_the_reward_model_on_the_file(files, tiny_
     assert meta["finished"] and meta["stage"] == "rm"
 
 
+@pytest.mark.slow  # a subprocess: a few seconds
 def test_kill_9_loses_nothing_written_and_a_restart_continues(files):
     d, _, responses = files
     out = d / "labels.jsonl"
@@ -172,6 +174,7 @@ def test_kill_9_loses_nothing_written_and_a_restart_continues(files):
     assert [r["item"] for r in read_rows(out)] == [0, 1, 2]
 
 
+@pytest.mark.slow  # a subprocess: a few seconds
 def test_compare_two_checkpoints_writes_the_win_rate(files, tiny_ckpt):
     d, prompts, _ = files
     a, b = str(tiny_ckpt), str(tiny_ckpt) + "/"
@@ -205,6 +208,7 @@ def test_compare_two_checkpoints_writes_the_win_rate(files, tiny_ckpt):
     assert len(read_preferences(d / "compare.jsonl")) == 2  # the tie and the skip carry no pair
 
 
+@pytest.mark.slow  # a subprocess: a few seconds
 def test_a_non_loopback_host_needs_the_printed_token(files):
     d, _, responses = files
     srv = Server(["--responses", str(responses), "--host", "0.0.0.0", "--out", str(d / "l.jsonl")], cwd=d)

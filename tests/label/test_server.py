@@ -261,6 +261,7 @@ def test_bad_requests_get_400_and_change_nothing(tmp_path):
         assert a.post("/api/skip", {"item": 1})[0] == 400
         assert a.post("/api/skip", {"item": item, "ranking": [0, 1, 2]})[0] == 400
         assert a.post("/api/undo", {"item": item})[0] == 400
+        assert a.post("/api/next", {"item": item})[0] == 400
         assert Client(server).post("/api/undo")[0] == 400           # a new session has nothing to undo
         j = json.dumps({"session": a.session, "item": item, "ranking": [0, 1, 2]}).encode()
         for body, headers in [(b"{not json", {}), (b"[1, 2]", {}), (b"\xff\xfe", {}),
