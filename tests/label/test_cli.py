@@ -92,16 +92,19 @@ def test_user_mistakes_are_one_line_exit_2_before_sampling(files, tiny_ckpt, cap
 class Server:
     """`python -m minirlhf label ...` in a subprocess; `url` is the one it printed."""
 
+    started: list[Server] = []
+
     def __init__(self, argv, cwd):
         self.proc = subprocess.Popen([sys.executable, "-m", "minirlhf", "label", "--port", "0", *argv], cwd=cwd,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+        Server.started.append(self)
         self.lines = []
         deadline = time.time() + 120
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise AssertionError(f"label exited {self.proc.wait()}: {self.proc.stderr.read()}")
+                raise AssertionError(f"label exited {self.proc.wait()}: {''.join(self.lines)}")
             self.lines.append(line)
             if "open http" in line:
                 self.url = line.split("open ")[1].split()[0]
@@ -114,8 +117,18 @@ class Server:
 
     def stop(self, sig=signal.SIGINT) -> tuple[int, str]:
         self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=30)
+        out, _ = self.proc.communicate(timeout=30)
         return self.proc.returncode, "".join(self.lines) + out
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left_running():
+    yield
+    while Server.started:
+        s = Server.started.pop()
+        if s.proc.poll() is None:  # a test failed before stopping it
+            s.proc.kill()
+        s.proc.communicate()
 
 
 @pytest.mark.slow  # a subprocess: a few seconds
