@@ -201,12 +201,10 @@ def main(args) -> int:
         for note in store.notes:
             print(f"[label] {note}")
         items = given or _sample(args, prompts, known, models)
-        on_change = None
-        if mode == "compare":
-            def on_change(state):
-                _write_json(result_path(out), state.result())
+        def write_result(state):  # --compare: the win rate so far, after every change
+            _write_json(result_path(out), state.result())
         state = LabelState(items, store, mode=mode, overlap=args.overlap, seed=args.seed, models=models,
-                           on_change=on_change)
+                           on_change=write_result if mode == "compare" else None)
         server.state = state
         p = state.progress()
         what = (f"{len(items)} prompts, A = {models[0]}, B = {models[1]}" if models
