@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "score checkpoints on the held-out prompts: gold, RM, KL to a reference",
     "generate": "sample responses from any checkpoint",
     "data": "`data export DIR`: write the embedded task as JSONL files",
+    "label": "rank responses or compare two checkpoints in the browser; inter-annotator agreement",
 }
 
 
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0, help="1 = off")
             sp.add_argument("--seed", type=bounded(int, ge=0), default=0)
             sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
+        if name == "label":
+            from .label.cli import add_arguments
+            add_arguments(sp)
         if name == "data":
             sp.add_argument("action", choices=["export"])
             sp.add_argument("dir", help="output directory")
@@ -247,6 +251,9 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "label":
+            from .label.cli import main as label_main
+            return label_main(args)
         return cmd_stages(args)
     except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
         print(f"error: {e}", file=sys.stderr)
