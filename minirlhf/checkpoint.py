@@ -31,7 +31,8 @@ from .tokenizer import TOKENIZER_FILE, Tokenizer
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.pt"
 
 
-def _fsync(path: Path) -> None:
+def fsync(path) -> None:
+    """fsync a file or a directory by path (a directory: so a rename or a new file in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -89,14 +90,14 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / STATE_FILE)
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
         path.rename(old)
     tmp.rename(path)
-    _fsync(path.parent)
+    fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -162,6 +163,6 @@ def update_info(path, **info) -> None:
     meta["info"] = {**meta.get("info", {}), **info}
     tmp = p / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
-    _fsync(tmp)
+    fsync(tmp)
     tmp.replace(p / CONFIG_FILE)
-    _fsync(p)
+    fsync(p)

@@ -7,9 +7,10 @@ preference file format. Everything else in minirlhf/label/ is plain stdlib.
 """
 from __future__ import annotations
 
+from ..checkpoint import fsync
 from ..data import DataError, read_preferences, read_prompts
 
-__all__ = ["DataError", "check_checkpoint", "check_device", "read_preferences", "read_prompts", "sample"]
+__all__ = ["DataError", "check_checkpoint", "check_device", "fsync", "read_preferences", "read_prompts", "sample"]
 
 
 def check_device(name: str) -> None:

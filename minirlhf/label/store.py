@@ -21,15 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .sampling import DataError
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from .sampling import DataError, fsync
 
 
 class LabelFile:
@@ -52,7 +44,7 @@ class LabelFile:
         try:
             self._lock()
             if created:
-                _fsync_dir(self.path.parent)
+                fsync(self.path.parent)
             if self.tmp.exists():  # debris of a crash mid-undo: the file itself is intact
                 self.tmp.unlink()
             self._next_id = 0
@@ -134,7 +126,7 @@ class LabelFile:
         os.close(fd)
         fd = os.open(self.tmp, os.O_RDWR | os.O_APPEND)
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync(self.path.parent)
         old, self._fd = self._fd, fd
         self._lock()
         os.close(old)
