@@ -117,7 +117,7 @@ const char* dtype_name(DType d) {
 // in the standard layout.
 const void* checked(const Array& a, const char* name, DType dtype, const std::vector<int64_t>& shape) {
     if (!a.is_array)
-        fail(str(name, " must be a ", dtype_name(dtype), " array (a CPU torch tensor or numpy array), got ", a.what));
+        fail(str(name, " must be an array of ", dtype_name(dtype), " (a CPU torch tensor or numpy array), got ", a.what));
     if (a.dtype != dtype)
         fail(str(name, " must have dtype ", dtype_name(dtype), ", got ", a.dtype == DType::other ? a.what : dtype_name(a.dtype)));
     if (a.shape.size() != shape.size())

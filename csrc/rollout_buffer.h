@@ -1,8 +1,9 @@
 // PPO bookkeeping between generation and the update, as a plain C++17 library:
-// the fast path of the plain-torch definitions in minirlhf/stages/ppo.py.  Each
-// function here computes what the torch function of the same name computes, from
-// the same arguments (`--ppo.bookkeeping cpp|torch` picks one; tests/rollout
-// compares them).
+// the fast path of the plain-torch definitions in minirlhf/stages/ppo.py.
+// per_token_rewards, gae and whiten compute what the torch functions of the same
+// names compute, from the same arguments (`--ppo.bookkeeping cpp|torch` picks
+// one; tests/rollout compares them); masked_moments gives whitening the
+// statistics of a batch split over ranks, and minibatch_order shuffles an epoch.
 //
 // Checks.  The caller's arrays arrive as `Array`s, described by the bindings
 // without being looked at; this library checks everything, once: dtype, shape,

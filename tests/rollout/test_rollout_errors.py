@@ -31,11 +31,11 @@ def call_rewards(**change):
 REWARD_CASES = {
     "dtype": (dict(logprobs=torch.zeros(B, T, dtype=torch.float64)), r"logprobs must have dtype float32, got float64"),
     "bfloat16": (dict(logprobs=f32(B, T).bfloat16()),
-                 r"logprobs must be a float32 array \(a CPU torch tensor or numpy array\), got torch.bfloat16 Tensor "
+                 r"logprobs must be an array of float32 \(a CPU torch tensor or numpy array\), got torch.bfloat16 Tensor "
                  r"on cpu"),
     "not on the CPU": (dict(ref_logprobs=torch.empty(B, T, device="meta")),
-                       r"ref_logprobs must be a float32 array .*, got torch.float32 Tensor on meta"),
-    "list": (dict(logprobs=[[0.0] * T] * B), r"logprobs must be a float32 array .*, got list"),
+                       r"ref_logprobs must be an array of float32 .*, got torch.float32 Tensor on meta"),
+    "list": (dict(logprobs=[[0.0] * T] * B), r"logprobs must be an array of float32 .*, got list"),
     "rank": (dict(logprobs=f32(B * T)), r"logprobs must have 2 dimensions, got shape \(24,\)"),
     "shape": (dict(ref_logprobs=f32(B, T + 1)), r"ref_logprobs has shape \(4, 7\), expected \(4, 6\)"),
     "rows": (dict(ref_logprobs=f32(B + 1, T)), r"ref_logprobs has shape \(5, 6\), expected \(4, 6\)"),
