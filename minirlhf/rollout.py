@@ -97,7 +97,7 @@ def whiten(x, lengths, shift_mean: bool = True, *, mean: float | None = None,
 
     mean, var (floats, both or neither): the statistics to use, e.g. those of the whole batch
     across ranks from `masked_mean_var`; None: this batch's own (var unbiased, accumulated in
-    float64; needs >= 2 valid tokens). Equals torch's to float32 rounding (about 1e-7 relative).
+    float64; needs >= 2 valid tokens). Equal to torch's up to float32 rounding (1e-6 in tests/rollout).
     """
     return torch.from_numpy(_rollout.whiten(_array(x), _array(lengths), shift_mean, mean, var))
 
