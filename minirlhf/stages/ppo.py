@@ -98,17 +98,23 @@ def gae(rewards, values, lengths, gamma: float, lam: float) -> tuple[torch.Tenso
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
-def whiten(x, lengths, shift_mean: bool = True) -> torch.Tensor:
+def whiten(x, lengths, shift_mean: bool = True, *, mean: float | None = None,
+           var: float | None = None) -> torch.Tensor:
     """Advantage whitening over the valid tokens of the batch: (x − mean) / sqrt(var + 1e-8),
     var unbiased, the moments accumulated in float64. shift_mean=False adds the mean back
     (only the scale changes). x: (B, T) float32 with >= 2 valid tokens in all; (B, T) float32.
+    mean, var (floats, both or neither): the statistics to use instead of the batch's own,
+    e.g. those of the whole batch across ranks (rollout.masked_mean_var).
     """
     mask = response_mask(lengths, x.shape[1])
-    valid = x[mask].double()
-    if valid.numel() < 2:
-        raise ValueError(f"whitening needs at least 2 valid tokens, got {valid.numel()}")
-    mean, var = valid.mean(), valid.var(unbiased=True)
-    out = (x.double() - mean) * torch.rsqrt(var + 1e-8)
+    if mean is None and var is None:
+        valid = x[mask].double()
+        if valid.numel() < 2:
+            raise ValueError(f"whitening needs at least 2 valid tokens, got {valid.numel()}")
+        mean, var = valid.mean(), valid.var(unbiased=True)
+    elif mean is None or var is None:
+        raise ValueError("whiten: mean and var go together (the statistics to use)")
+    out = (x.double() - mean) * torch.rsqrt(torch.as_tensor(var, dtype=torch.float64) + 1e-8)
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out.float(), 0.0)
