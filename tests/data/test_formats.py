@@ -278,3 +278,13 @@ def test_corrupt_gzip_is_one_line(tmp_path, damage, message):
     gz = gzip.compress(b'{"text": "The fox eats berries."}\n' * 50)
     msg = error(read_corpus, write(tmp_path, damage(gz), name="c.jsonl.gz"))
     assert msg.startswith(message)
+
+
+def test_row_lines_name_the_line_of_each_row(tmp_path):
+    import gzip
+    from minirlhf.data import row_lines
+    text = '\ufeff{"prompt": "a"}\n\n \t\r\n{"prompt": "b"}\r\n\n{"prompt": "c"}'
+    for name, data in [("p.jsonl", text.encode()), ("p.jsonl.gz", gzip.compress(text.encode()))]:
+        p = write(tmp_path, data, name=name)
+        assert row_lines(p) == [1, 4, 6]
+        assert read_prompts(p) == ["a", "b", "c"]

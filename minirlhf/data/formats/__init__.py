@@ -58,10 +58,10 @@ wrong`, where field is the path to the value (`messages[3].role`, `ratings[1]`) 
 from .chat import ROLES, Message, Prompt, as_messages
 from .jsonl import DataError, write_jsonl
 from .readers import (K_MAX, K_MIN, RATING_MAX, RATING_MIN, Comparison, pairs_from_ranking, pairs_from_ratings,
-                      read_corpus, read_preferences, read_prompts, read_sft)
+                      read_corpus, read_preferences, read_prompts, read_sft, row_lines)
 
 __all__ = [
     "Comparison", "DataError", "K_MAX", "K_MIN", "Message", "Prompt", "RATING_MAX", "RATING_MIN", "ROLES",
     "as_messages", "pairs_from_ranking", "pairs_from_ratings", "read_corpus", "read_preferences", "read_prompts",
-    "read_sft", "write_jsonl",
+    "read_sft", "row_lines", "write_jsonl",
 ]

@@ -38,6 +38,13 @@ def pairs_from_ratings(ratings: list[int]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k) if ratings[i] > ratings[j]]
 
 
+def row_lines(path: str | os.PathLike) -> list[int]:
+    """The 1-based line number of each row of a JSONL file (plain or gzip), in order: the i-th
+    item read_corpus, read_sft or read_prompts returns came from line row_lines(path)[i]
+    (read_preferences leaves out all-tied rows). Raises DataError for an unreadable file."""
+    return [row.line for row in rows(path)]
+
+
 def read_corpus(path: str | os.PathLike) -> list[str]:
     """Documents of a corpus file: rows {"text": str}. Raises DataError."""
     return [row.text("text") for row in rows(path)]
