@@ -20,7 +20,8 @@ from typing import Callable
 
 from . import checkpoint
 from .config import RunConfig
-from .data import Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft
+from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
+                   row_lines)
 from .device import resolve_device, seed_everything, use_all_cores
 from .metrics import Metrics
 from .tokenizer import TOKENIZER_FILE, Tokenizer, token_stream
@@ -86,21 +87,6 @@ def load_inputs(cfg: RunConfig) -> Inputs:
     )
 
 
-def _row_line(path: str, index: int) -> int:
-    """The line number of the index-th (0-based) non-blank row of a JSONL file."""
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        seen = -1
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                seen += 1
-                if seen == index:
-                    return n
-    return 0
-
-
 def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, ...]) -> None:
     """Every prompt against its token budget and every size relation between data and config,
     for the stages about to run; ValueError `file:line: field: what is wrong` at the first
@@ -119,7 +105,7 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
             n = len(tokenizer.prompt_ids(p))
             if n > room:
                 src = inputs.sources.get(name)
-                where = f"{src}:{_row_line(src, i)}" if src else f"the embedded task's {name}[{i}]"
+                where = f"{src}:{row_lines(src)[i]}" if src else f"the embedded task's {name}[{i}]"
                 raise ValueError(f"{where}: prompt: {n} tokens, but model.max_seq_len={L} leaves {room} for a prompt "
                                  f"next to {section}.max_new_tokens={max_new} and the EOS; shorten the prompt, "
                                  f"lower --{section}.max_new_tokens or raise --model.max_seq_len")
@@ -127,7 +113,7 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
         unknown = [i for i, p in enumerate(inputs.rm_prompts) if not inputs.task.knows(p)]
         if unknown:
             src = inputs.sources["rm_prompts"]
-            raise ValueError(f"{src}:{_row_line(src, unknown[0])}: prompt: not one of the embedded task's prompts; the "
+            raise ValueError(f"{src}:{row_lines(src)[unknown[0]]}: prompt: not one of the embedded task's prompts; the "
                              f"simulated annotator can rank answers only to those — give your own rankings with "
                              f"--data.preferences")
     if "pretrain" in stages or "eval" in stages:  # training windows; held-out perplexity windows
