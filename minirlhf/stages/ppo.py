@@ -199,10 +199,11 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
     run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer, names=("model", "critic"),
                           init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device),
                                         "critic": checkpoint.load_model_from(rm_dir, device=device)},
-                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, 0.0),
-                                                "critic": optim.make_optimizer(m["critic"], pc.critic_lr, 0.0)},
+                          # one AdamW over both: one backward and one step per minibatch (two lrs, two clipped norms)
+                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, 0.0,
+                                                                              also=((m["critic"], pc.critic_lr),))},
                           extra_state=lambda: {"kl_coef": kl_ctl.value})
-    policy, critic, optimizers = run.models["model"], run.models["critic"], run.optimizers
+    policy, critic, optimizer = run.models["model"], run.models["critic"], run.optimizers["model"]
     if run.state is not None:
         kl_ctl.value = run.state["kl_coef"]
     reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
@@ -228,7 +229,10 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
         # 2. score: RM score at each response's EOS; log π_old, log π_ref and V(s_t) per token
         with torch.no_grad(), autocast(device):
             rm_score = score_rollouts(reward_model, gen, tokenizer.eos_id).float()
-            old_logprobs = response_logprobs(policy, tokens, attn, P, pc.temperature) * mask
+            # log π_old: generation computed it already, under the sampling temperature; in fp32 (CPU) that is the
+            # training forward's number to ~1e-6, so it is reused; under bf16 autocast (CUDA) it is recomputed
+            reuse = device.type == "cpu"
+            old_logprobs = (gen.logprobs if reuse else response_logprobs(policy, tokens, attn, P, pc.temperature)) * mask
             ref_logprobs = response_logprobs(reference, tokens, attn, P, pc.temperature) * mask
             old_values = response_values(critic, tokens, attn, P) * mask
         timer.lap("score")
@@ -256,23 +260,26 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
             mb_seed = (cfg.seed * 1_000_003 + iteration) * 97 + epoch  # reshuffled every epoch, same on resume
             for idx in rollout.minibatches(pc.batch_size, pc.minibatch_size, mb_seed):
                 idx = torch.as_tensor(idx, device=device)
-                mb_tokens, mb_attn, mb_mask, mb_labels = tokens[idx], attn[idx], mask[idx], labels[idx]
+                # the minibatch without the columns that are padding in all its rows
+                cols, resp, mb_P = _unpadded(gen.prompt_mask[idx], gen.lengths[idx], P)
+                mb_tokens, mb_attn = tokens[idx][:, cols], attn[idx][:, cols]
+                mb_mask, mb_labels, mb_old = mask[idx][:, resp], labels[idx][:, resp], old_logprobs[idx][:, resp]
                 with autocast(device):
-                    logits = response_logits(policy, mb_tokens, mb_attn, P)
+                    logits = response_logits(policy, mb_tokens, mb_attn, mb_P)
                     # clipped surrogate objective L^CLIP (Schulman et al. 2017, eq. 7), token mean, one fused
                     # kernel over the logits: ratio = π/π_old, pg_loss = max(−A·ratio, −A·clip(ratio, 1 ± ε))
-                    pg_loss, ps = ppo_loss(logits, mb_labels, old_logprobs[idx], advantages[idx], mb_mask,
+                    pg_loss, ps = ppo_loss(logits, mb_labels, mb_old, advantages[idx][:, resp], mb_mask,
                                            clip_eps=pc.clip_eps, temperature=pc.temperature)
                     if pc.entropy_coef > 0:  # entropy bonus (Schulman et al. 2017, eq. 9)
                         _, entropy = token_logprobs(logits, mb_labels, pc.temperature, return_entropy=True)
                         pg_loss = pg_loss - pc.entropy_coef * masked_mean(entropy, mb_mask)
-                    values = response_values(critic, mb_tokens, mb_attn, P)
-                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx], returns[idx], mb_mask, pc.value_clip)
-                optim.step(optimizers["model"], policy, pg_loss, pc.grad_clip)
-                optim.step(optimizers["critic"], critic, vf_loss, pc.grad_clip)
+                    values = response_values(critic, mb_tokens, mb_attn, mb_P)
+                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx][:, resp], returns[idx][:, resp], mb_mask,
+                                                      pc.value_clip)
+                optim.step(optimizer, [policy, critic], {"pg_loss": pg_loss, "vf_loss": vf_loss}, pc.grad_clip)
                 with torch.no_grad():  # the probability ratio, for the diagnostics
                     new_logprobs = token_logprobs(logits.detach(), mb_labels, pc.temperature)
-                    ratio = (new_logprobs - old_logprobs[idx]).exp()[mb_mask.bool()]
+                    ratio = (new_logprobs - mb_old).exp()[mb_mask.bool()]
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", ps.approx_kl),
                              ("clipfrac", ps.clipfrac), ("vf_clipfrac", vf_clipfrac), ("entropy", ps.entropy),
                              ("ratio_mean", ratio.mean()), ("ratio_max", ratio.max())):
@@ -308,6 +315,14 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
     loop.finish(out_dir, run.save, iteration, info, stage=STAGE)
     print(f"[ppo] done in {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir
+
+
+def _unpadded(prompt_mask, lengths, P: int):
+    """(columns, response columns, prompt width) of a minibatch without its all-padding columns:
+    the leading prompt columns no row uses and the response columns past its longest response."""
+    first = int((~prompt_mask).all(0).sum())  # prompts are left-padded: a prefix of empty columns
+    R = int(lengths.max())
+    return slice(first, P + R), slice(0, R), P - first
 
 
 def _masked_mean_std(x, mask) -> tuple[float, float]:

@@ -143,3 +143,34 @@ def test_rollout_scores_are_read_at_each_responses_last_token(tiny_checkpoints):
     for b, p in enumerate(prompts):
         alone = torch.tensor([p + gen.tokens[b, :int(gen.lengths[b])].tolist() + [tok.eos_id] * int(gen.truncated[b])])
         assert torch.allclose(got[b], rm.scalars(alone)[0, -1], atol=1e-5)
+
+
+def test_minibatches_without_padding_columns_give_the_same_losses(tiny_checkpoints):
+    """Dropping the columns that are padding in every row of a minibatch changes no number."""
+    from kernels import ppo_loss as fused_loss
+    from minirlhf import checkpoint
+    from minirlhf.generate import generate
+    from minirlhf.logprobs import response_logits, response_values
+
+    _, run_dir = tiny_checkpoints
+    policy, tok = checkpoint.load_model_from(run_dir / "ppo"), checkpoint.load_tokenizer(run_dir / "ppo")
+    prompts = ["What does the fox eat?", "Where is Quito?", "List two facts about the owl. Answer briefly please."]
+    gen = generate(policy, [tok.prompt_ids(p) for p in prompts], max_new_tokens=8, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
+    tokens, attn = gen.full()
+    P = gen.prompt_tokens.size(1)
+    idx = torch.tensor([0, 1])  # the two short prompts: the longest prompt's extra columns are padding here
+    cols, resp, mb_P = ppo._unpadded(gen.prompt_mask[idx], gen.lengths[idx], P)
+    assert cols.start > 0
+    adv = torch.randn(gen.tokens.shape, generator=torch.Generator().manual_seed(1))
+    mask = gen.mask.float()
+    with torch.no_grad():
+        full, _ = fused_loss(response_logits(policy, tokens[idx], attn[idx], P), gen.tokens[idx],
+                             gen.logprobs[idx], adv[idx], mask[idx])
+        cut, _ = fused_loss(response_logits(policy, tokens[idx][:, cols], attn[idx][:, cols], mb_P),
+                            gen.tokens[idx][:, resp], gen.logprobs[idx][:, resp], adv[idx][:, resp], mask[idx][:, resp])
+        v_full = response_values(policy, tokens[idx], attn[idx], P)[:, resp]
+        v_cut = response_values(policy, tokens[idx][:, cols], attn[idx][:, cols], mb_P)
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-6)
+    m = mask[idx][:, resp].bool()
+    torch.testing.assert_close(v_cut[m], v_full[m], rtol=0, atol=1e-5)
