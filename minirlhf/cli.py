@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": "sample responses from any checkpoint",
     "data": "`data export DIR`: write the embedded task as JSONL files",
     "label": "rank responses or compare two checkpoints in the browser; inter-annotator agreement",
+    "experiment": "experiments that answer the recipe's questions: sft-ablation, kl-sweep, ptx, iterate, best-of-n",
 }
 
 
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "label":
             from .label.cli import add_arguments
             add_arguments(sp)
+        if name == "experiment":
+            from .experiments.cli import add_arguments
+            add_arguments(sp)
         if name == "data":
             sp.add_argument("action", choices=["export"])
             sp.add_argument("dir", help="output directory")
@@ -254,6 +258,9 @@ def main(argv=None) -> int:
         if args.command == "label":
             from .label.cli import main as label_main
             return label_main(args)
+        if args.command == "experiment":
+            from .experiments.cli import main as experiment_main
+            return experiment_main(args)
         return cmd_stages(args)
     except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
         print(f"error: {e}", file=sys.stderr)

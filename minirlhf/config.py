@@ -164,6 +164,19 @@ class PPOConfig:
     eval_every: int | None = knob(10, "iterations between gold evaluations on held-out prompts (none: never)", ge=1)
     eval_prompts: int = knob(64, "held-out prompts scored during training (the final eval uses all)", ge=1)
     save_every: int = knob(10, "iterations between resume checkpoints", ge=1)
+    ptx_coef: float = knob(0.0, "PPO-ptx (InstructGPT eq. 2): gamma times the LM loss on pretraining-corpus windows is "
+                                "added to the policy loss; 0 = off", ge=0)
+    ptx_batch_size: int = knob(8, "pretraining windows (of pretrain.seq_len tokens) per PPO minibatch when "
+                                  "ptx_coef > 0", ge=1)
+    monitor_window: int = knob(5, "over-optimisation monitor: iterations per window of its trends (KL growth rate, "
+                                  "smoothed RM score and entropy)", ge=2)
+    monitor_gold_drop: float = knob(3.0, "monitor: warn when gold falls this many standard errors below its best "
+                                         "while the RM score rose", gt=0)
+    monitor_entropy_ratio: float = knob(0.25, "monitor: warn when the policy's entropy falls below this fraction of "
+                                              "its first iteration's", gt=0, lt=1)
+    monitor_kl_accel: float = knob(2.0, "monitor: warn when KL's growth rate over the last window exceeds this "
+                                        "multiple of the window before", gt=1)
+    monitor_kl_growth: float = knob(0.1, "monitor: ... and exceeds this many nats per iteration", gt=0)
 
 
 @dataclass(frozen=True)

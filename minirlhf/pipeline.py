@@ -210,7 +210,8 @@ def stage_calls(cfg: RunConfig, run_dir: Path, inputs: Inputs, metrics: Metrics,
             gold_score=inputs.gold_score, resume=resume),
         "ppo": lambda dirs, resume: run_ppo(
             cfg, run_dir / "ppo", sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts=inputs.ppo_prompts,
-            metrics=metrics, evaluate=gold_curve(cfg, inputs, tokenizer), resume=resume),
+            metrics=metrics, evaluate=gold_curve(cfg, inputs, tokenizer), resume=resume,
+            pretrain_corpus=inputs.corpus),
     }
 
 

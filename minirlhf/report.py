@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, monitor
 from .config import RunConfig
 from .device import resolve_device
 from .metrics import stage_history
@@ -52,6 +52,32 @@ def _plot_ppo(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_monitor(rows: list[dict], alarms: list, path: Path) -> None:
+    """The over-optimisation monitor's series (monitor.py), with a line at each warning's first firing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("kl_to_ref", "KL to reference (nats/response)"), ("kl_growth", "KL growth (nats/iteration)"),
+              ("entropy", "policy entropy (nats/token)"), ("response_len", "response length (tokens)"),
+              ("repeat_frac", "share of repeated tokens"), ("rm_score", "RM score"), ("gold", "gold (held-out)")]
+    fig, axes = plt.subplots(2, 4, figsize=(12, 5.2))
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        for a in alarms:
+            ax.axvline(a.iteration, color="#c44e52", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO iteration", fontsize=8)
+    axes.flat[-1].axis("off")
+    axes.flat[-1].text(0, 0.5, "\n".join(f"{a.iteration}: {monitor.LABELS[a.kind]}" for a in alarms) or "no warning",
+                       fontsize=9, color="#c44e52" if alarms else "#555555")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _show_prompt(prompt) -> str:
     """A prompt for the report: the text, or a conversation's turns as `role: content`."""
     if isinstance(prompt, str):
@@ -67,6 +93,8 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
                  total_wall: float) -> dict:
     run_dir = Path(run_dir)
     rm_info = checkpoint.read_meta(rm_dir)["info"] if rm_dir else {}
+    ppo_rows = stage_history(run_dir, "ppo")
+    alarms = monitor.scan(ppo_rows, monitor.Thresholds.of(cfg.ppo))
     summary = {
         "gold": {n: {"mean": e.get("gold_mean"), "se": e.get("gold_se")} for n, e in evals.items()},
         "rm_score": {n: e.get("rm_mean") for n, e in evals.items()},
@@ -79,13 +107,15 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
         "truncated_frac": {n: e.get("truncated_frac") for n, e in evals.items()},
         "final_kl_to_ref": evals.get("ppo", {}).get("kl_mean"),
         "eval_prompts": next(iter(evals.values()))["n"] if evals else 0,
+        "monitor_warnings": [{"kind": a.kind, "iteration": a.iteration, "message": a.message} for a in alarms],
         "wall_s": {**wall, "total": round(total_wall, 1)},
         "device": str(resolve_device(cfg.device)),
         "torch_threads": torch.get_num_threads(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_gold(evals, run_dir / "gold_by_stage.png")
-    _plot_ppo(stage_history(run_dir, "ppo"), run_dir / "ppo_curves.png")
+    _plot_ppo(ppo_rows, run_dir / "ppo_curves.png")
+    _plot_monitor(ppo_rows, alarms, run_dir / "monitor.png")
 
     lines = ["# minirlhf run report", "",
              f"{summary['eval_prompts']} held-out prompts, one sample each (temperature {cfg.eval.temperature}); "
@@ -102,6 +132,10 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
               f"after framing carry no preference and were left out: {summary['rm_tied_pairs']['train_dropped']} in "
               f"training, {summary['rm_tied_pairs']['heldout_dropped']} held out.", "",
               "![gold by stage](gold_by_stage.png)", "", "## PPO", "", "![PPO curves](ppo_curves.png)", "",
+              "### Over-optimisation monitor", ""]
+    lines += [f"- **warning** (iteration {a.iteration}): {a.message}" for a in alarms] or [
+        "No warning: the RM score never rose while gold fell, the entropy did not collapse, KL did not accelerate."]
+    lines += ["", "![monitor](monitor.png)", "",
               "## Wall time (s)", "", "| " + " | ".join(summary["wall_s"]) + " |",
               "|" + " --- |" * len(summary["wall_s"]), "| " + " | ".join(str(v) for v in summary["wall_s"].values()) + " |",
               "", "## Samples", ""]

@@ -35,8 +35,11 @@ from ..config import PPOConfig, RunConfig
 from ..device import autocast, resolve_device
 from ..generate import generate
 from ..logprobs import response_logits, response_logprobs, response_values
-from ..metrics import Metrics
+from ..metrics import Metrics, stage_history
+from ..monitor import Monitor, Thresholds
 from ..reward import score_rollouts
+from ..tokenizer import token_stream
+from .pretrain import random_windows
 
 STAGE = "ppo"
 
@@ -181,13 +184,24 @@ def explained_variance(values, returns, mask) -> float:
     return float(1 - (r - v).var(unbiased=False) / var_r) if var_r > 0 else float("nan")
 
 
+def ptx_loss(policy, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """PPO-ptx's pretraining term (Ouyang et al. 2022, eq. 2: the objective adds
+    γ · E_{x ~ D_pretrain}[log π(x)]): the policy's mean next-token cross-entropy on windows of
+    the pretraining corpus, −mean_t log π(x_{t+1} | x_≤t), nats/token; the policy loss adds γ times it.
+
+    inputs, targets: (N, L) long, targets = inputs shifted by one (stages/pretrain.random_windows)."""
+    logits = policy(inputs)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 # ---------------------------------------------------------------- the stage
 def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics: Metrics,
-            evaluate=None, resume: bool = False) -> Path:
+            evaluate=None, resume: bool = False, pretrain_corpus: list[str] | None = None) -> Path:
     """Optimise the SFT policy against the RM; returns the PPO checkpoint directory.
 
     evaluate(policy) -> {"gold_mean": float, ...}, optional: called every eval_every
-    iterations (the gold curve of the report; never a reward)."""
+    iterations (the gold curve of the report; never a reward). pretrain_corpus: the texts
+    PPO-ptx draws its windows from (needed when ppo.ptx_coef > 0)."""
     out_dir, pc = Path(out_dir), cfg.ppo
     device = resolve_device(cfg.device)
     t0 = time.time()
@@ -210,7 +224,16 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
     reward_model = checkpoint.load_model_from(rm_dir, device=device).eval().requires_grad_(False)
     bookkeeping = rollout if pc.bookkeeping == "cpp" else TORCH_BOOKKEEPING
     last_eval: dict = {}
-    print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts")
+    ptx_stream = None
+    if pc.ptx_coef > 0:  # PPO-ptx: windows of the pretraining corpus, as the pretrain stage draws them
+        ptx_stream = token_stream(tokenizer, pretrain_corpus or [])
+        if len(ptx_stream) < cfg.pretrain.seq_len + 2:
+            raise ValueError(f"config: ppo.ptx_coef={pc.ptx_coef}: the pretraining corpus has {len(ptx_stream)} "
+                             f"tokens, fewer than one window of pretrain.seq_len={cfg.pretrain.seq_len} + 2")
+    history = [r for r in stage_history(metrics.path.parent, STAGE) if r["step"] <= run.step]  # resumed: so far
+    monitor = Monitor(Thresholds.of(pc), history)
+    print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts"
+          + (f", PPO-ptx γ={pc.ptx_coef}" if ptx_stream is not None else ""))
 
     def train_step(iteration: int) -> dict:
         timer = PhaseTimer()
@@ -254,8 +277,10 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
         policy.train()
         critic.train()
         stats: dict[str, list[float]] = {k: [] for k in (
-            "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max")}
+            "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max")
+            + (("ptx_loss",) if ptx_stream is not None else ())}
         early_stop = False
+        ptx_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)  # PPO-ptx windows, same on resume
         for epoch in range(pc.ppo_epochs):
             mb_seed = (cfg.seed * 1_000_003 + iteration) * 97 + epoch  # reshuffled every epoch, same on resume
             for idx in rollout.minibatches(pc.batch_size, pc.minibatch_size, mb_seed):
@@ -276,7 +301,13 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                     values = response_values(critic, mb_tokens, mb_attn, mb_P)
                     vf_loss, vf_clipfrac = value_loss(values, old_values[idx][:, resp], returns[idx][:, resp], mb_mask,
                                                       pc.value_clip)
-                optim.step(optimizer, [policy, critic], {"pg_loss": pg_loss, "vf_loss": vf_loss}, pc.grad_clip)
+                    losses = {"pg_loss": pg_loss, "vf_loss": vf_loss}
+                    if ptx_stream is not None:  # PPO-ptx: + γ · LM loss on pretraining text (InstructGPT eq. 2)
+                        x, y = random_windows(ptx_stream, pc.ptx_batch_size, cfg.pretrain.seq_len, ptx_rng)
+                        ptx = ptx_loss(policy, x.to(device), y.to(device))
+                        losses["ptx_loss"] = pc.ptx_coef * ptx
+                        stats["ptx_loss"].append(float(ptx.detach()))
+                optim.step(optimizer, [policy, critic], losses, pc.grad_clip)
                 with torch.no_grad():  # the probability ratio, for the diagnostics
                     new_logprobs = token_logprobs(logits.detach(), mb_labels, pc.temperature)
                     ratio = (new_logprobs - mb_old).exp()[mb_mask.bool()]
@@ -306,11 +337,13 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                 (iteration + 1) % pc.eval_every == 0 or iteration + 1 == pc.iterations):
             last_eval.update(evaluate(policy))
             if "gold_mean" in last_eval:
-                row["gold"] = last_eval["gold_mean"]
+                row["gold"], row["gold_se"] = last_eval["gold_mean"], last_eval["gold_se"]
+        # the over-optimisation monitor (minirlhf/monitor.py): KL growth, repeats, warnings
+        row.update(monitor.observe(iteration + 1, row, gen.tokens, gen.mask, tokenizer.eos_id))
         return row
 
     iteration = loop.loop(STAGE, run.step, pc.iterations, train_step, run.save, metrics, save_every=pc.save_every,
-                          show=("rm_score", "kl_to_ref", "kl_coef", "gold"))
+                          show=("rm_score", "kl_to_ref", "kl_coef", "gold", "warning"))
     info = {"iterations": iteration, "kl_coef": kl_ctl.value, "wall_s": round(time.time() - t0, 1)}
     loop.finish(out_dir, run.save, iteration, info, stage=STAGE)
     print(f"[ppo] done in {info['wall_s']:.0f}s -> {out_dir}")
