@@ -126,7 +126,8 @@ def gold_trajectory(recs: list[dict]) -> tuple[list[float], list[float], list[fl
     return [math.sqrt(max(k, 0.0)) for k in kl], gold, se
 
 
-def _final_point(label: str, recs: list[dict]) -> tuple:
+def final_point(label: str, recs: list[dict]) -> tuple:
+    """A Lines series of one point: the final evaluation's (√KL, gold ± SE across seeds)."""
     kl, gold = stat(recs, "kl"), stat(recs, "gold")
     return (label, [math.sqrt(max(kl["mean"], 0.0))], [gold["mean"]], [gold["se"]] if gold["se"] else None, "points")
 
@@ -167,33 +168,38 @@ def _sft_ablation_measure(arm: Arm, arm_dir: Path, opts: Options) -> dict:
 
 def _sft_ablation_report(records: list[dict], opts: Options):
     g = by_variant(records)
-    rows, labels = [], []
+    outcome, data, labels = [], [], []
     for v, recs in g.items():
         p = recs[0]["params"]
         labels.append(f"{p['sft'].split()[0]} / {p['base_alignment']}")
-        rows.append([p["base_alignment"], p["sft"], fmt(stat(recs, "gold")),
-                     f"{stat(recs, 'gold')['sd']:.2f}" if stat(recs, "gold")["sd"] is not None else "n/a",
-                     fmt(stat(recs, "gold_init")), fmt(stat(recs, "rm_acc_vs_gold")),
-                     fmt(stat(recs, "uninformative_pairs")), fmt(stat(recs, "flipped_pairs")),
-                     fmt(stat(recs, "ranked_gold")), fmt(stat(recs, "ppl")), fmt(stat(recs, "kl")), _warn_cell(recs)])
+        sd = stat(recs, "gold")["sd"]
+        outcome.append([p["base_alignment"], p["sft"], fmt(stat(recs, "gold")), f"{sd:.2f}" if sd is not None else "n/a",
+                        fmt(stat(recs, "gold_init")), fmt(stat(recs, "ppl")), fmt(stat(recs, "kl")), _warn_cell(recs)])
+        data.append([p["base_alignment"], p["sft"], fmt(stat(recs, "ranked_gold")), fmt(stat(recs, "uninformative_pairs")),
+                     fmt(stat(recs, "flipped_pairs")), fmt(stat(recs, "rm_acc_vs_gold")),
+                     fmt(stat(recs, "rm_acc_vs_annotator"))])
     diffs = {}
     for align in (ALIGNMENT_LOW, ALIGNMENT_HIGH):
         ref = f"full-sft_align{align}"
         for kind in ("no-sft", "light-sft"):
             v = f"{kind}_align{align}"
             if v in g and ref in g:
-                diffs[f"{v} - {ref}"] = {k: _cmp(g, k, v, ref) for k in ("gold", "rm_acc_vs_gold", "ppl")}
-    lines = ["Final gold of the PPO policy (mean ± SE across seeds; SD across seeds = stability), the gold of the "
-             "policy PPO started from, the RM's held-out accuracy against gold, how informative the rankings were "
-             "(share of ranked pairs whose gold difference is below the annotator's noise; share ordered against "
-             "gold; mean gold of the ranked samples) and the held-out corpus perplexity after PPO (forgetting).", ""]
-    lines += table(["base alignment", "SFT", "final gold", "SD seeds", "gold before PPO", "RM acc vs gold",
-                    "pairs below noise", "pairs flipped", "gold of ranked samples", "perplexity", "KL to ref",
-                    "monitor warnings"], rows)
+                diffs[f"{v} - {ref}"] = {k: _cmp(g, k, v, ref) for k in ("gold", "rm_acc_vs_gold", "uninformative_pairs", "ppl")}
+    lines = ["The PPO policy: final gold (mean ± SE across seeds; the SD across seeds measures PPO's stability), the "
+             "gold of the policy PPO started from (SFT, or the base without SFT), the held-out corpus perplexity "
+             "after PPO (forgetting), the KL to the reference and the monitor's warnings (seeds that raised each).", ""]
+    lines += table(["base alignment", "SFT", "final gold", "SD across seeds", "gold before PPO", "perplexity",
+                    "KL to ref", "monitor warnings"], outcome)
+    lines += ["", "The rankings and the RM: the mean gold of the ranked samples, the share of ranked pairs whose gold "
+              "difference is below the annotator's noise (their order is mostly noise), the share the annotator "
+              "ordered against gold, and the RM's held-out pairwise accuracy against gold and against the annotator.",
+              ""]
+    lines += table(["base alignment", "SFT", "gold of ranked samples", "pairs below noise", "pairs flipped",
+                    "RM acc vs gold", "RM acc vs annotator"], data)
     lines += ["", "Differences to full SFT at the same base alignment (± SE across seeds; * = beyond 2 SE):", ""]
-    lines += table(["arm − full SFT", "Δ final gold", "Δ RM acc vs gold", "Δ perplexity"],
-                   [[k, fmt_diff(d["gold"]), fmt_diff(d["rm_acc_vs_gold"]), fmt_diff(d["ppl"])]
-                    for k, d in diffs.items()])
+    lines += table(["arm − full SFT", "Δ final gold", "Δ RM acc vs gold", "Δ pairs below noise", "Δ perplexity"],
+                   [[k, fmt_diff(d["gold"]), fmt_diff(d["rm_acc_vs_gold"]), fmt_diff(d["uninformative_pairs"]),
+                     fmt_diff(d["ppl"])] for k, d in diffs.items()])
     panels = {"sft_ablation.png": [
         plots.Bars("final gold (PPO)", "gold", labels, [stat(r, "gold") for r in g.values()]),
         plots.Bars("rankings: pairs below noise", "share of ranked pairs", labels,
@@ -245,7 +251,7 @@ def _kl_sweep_report(records: list[dict], opts: Options):
         _, rm, _ = curve_stats(r, "rm_score")
         rm_vs_kl.append((v, kl, rm, None, "line"))
     gold_vs_kl = [(v, *gold_trajectory(r), "line") for v, r in g.items()]
-    gold_vs_kl += [_final_point(f"{v} (final)", r) for v, r in g.items()]
+    gold_vs_kl += [final_point(f"{v} (final)", r) for v, r in g.items()]
     panels = {"kl_sweep.png": [
         plots.Lines("RM score against KL over PPO", "KL to SFT (nats/response, training batch)", "RM score",
                     rm_vs_kl),
@@ -392,7 +398,7 @@ def _best_of_n_report(records: list[dict], opts: Options):
     panels = {"best_of_n.png": [
         plots.Lines("gold against √KL", "√KL to SFT", "gold (held-out)", [
             ("best-of-n", xs, [p["gold"]["mean"] for p in bon], [p["gold"]["se"] for p in bon], "dashed"),
-            ("PPO (during training)", *gold_trajectory(records), "line"), _final_point("PPO (final)", records)]),
+            ("PPO (during training)", *gold_trajectory(records), "line"), final_point("PPO (final)", records)]),
         plots.Lines("RM score against √KL", "√KL to SFT", "RM score", [
             ("best-of-n", xs, [p["rm"]["mean"] for p in bon], [p["rm"]["se"] for p in bon], "dashed")])]}
     return lines, {"best_of_n": bon}, panels

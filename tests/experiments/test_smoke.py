@@ -193,3 +193,23 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["experiment", "nope"]) == 2
     assert main(["experiment", "ptx", "--smoke", "--seeds", "0"]) == 2
     assert "--seeds: 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_readme_section_renders_from_the_json(root, sft_ablation, tmp_path):
+    from minirlhf.experiments.readme import render
+
+    md = render(root, tmp_path / "img", "docs/experiments")
+    assert md.startswith("## What the experiments show")
+    for heading in ("### 1. Skipping SFT", "### 3. What the KL penalty buys", "### 4. PPO-ptx and forgetting",
+                    "### 5. Another round", "### Best-of-n"):
+        assert heading in md
+    docs = {n: json.loads((root / n / "experiment.json").read_text()) for n in
+            ("sft-ablation", "kl-sweep", "ptx", "iterate", "best-of-n")}
+    assert f"| all | 17 | {sum(d['wall_s'] for d in docs.values()) / 60:.1f} |" in md
+    assert md.count("**Answer.** _(to be written from the measured numbers") == 6
+    for png in ("overoptimisation.png", "kl_sweep.png", "best_of_n.png", "ptx.png", "iterate.png", "sft_ablation.png"):
+        assert (tmp_path / "img" / png).read_bytes()[:8] == PNG and f"(docs/experiments/{png})" in md
+    # the kl-sweep table in the section is the one in the experiment's own report
+    own = (root / "kl-sweep" / "experiment.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| beta=0 |")]
+    assert table and table[0] in own
