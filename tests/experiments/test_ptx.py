@@ -53,9 +53,9 @@ def test_ppo_adds_gamma_times_the_ptx_loss_to_every_policy_step(tiny_run, tmp_pa
         seen["ptx"].append(out.item())
         return out
 
-    def record_step(opt, model, loss, clip):  # each minibatch steps the policy, then the critic
-        seen["steps"].append(loss.item())
-        return step(opt, model, loss, clip)
+    def record_step(opt, models, losses, clip):  # one step per minibatch: {name: loss} summed
+        seen["steps"].append({k: v.item() for k, v in losses.items()})
+        return step(opt, models, losses, clip)
 
     monkeypatch.setattr(ppo, "ppo_loss", record_pg)
     monkeypatch.setattr(ppo, "ptx_loss", record_ptx)
@@ -63,11 +63,12 @@ def test_ppo_adds_gamma_times_the_ptx_loss_to_every_policy_step(tiny_run, tmp_pa
     ppo.run_ppo(cfg, tmp_path / "ppo", sft_dir=run_dir / "sft", rm_dir=run_dir / "rm", prompts=inputs.ppo_prompts,
                 metrics=Metrics(tmp_path), pretrain_corpus=inputs.corpus)
     n = len(seen["pg"])
-    seen["policy"] = seen["steps"][0::2]
     assert n == cfg.ppo.ppo_epochs * cfg.ppo.batch_size // cfg.ppo.minibatch_size  # no early stop at this size
-    assert len(seen["ptx"]) == len(seen["policy"]) == n
-    for pg, ptx, total in zip(seen["pg"], seen["ptx"], seen["policy"]):
-        assert total == pytest.approx(pg + 0.5 * ptx, rel=1e-6, abs=1e-7)
+    assert len(seen["ptx"]) == len(seen["steps"]) == n
+    for pg, ptx, losses in zip(seen["pg"], seen["ptx"], seen["steps"]):
+        assert set(losses) == {"pg_loss", "vf_loss", "ptx_loss"}
+        assert losses["pg_loss"] == pytest.approx(pg, rel=1e-6, abs=1e-7)
+        assert losses["ptx_loss"] == pytest.approx(0.5 * ptx, rel=1e-6)   # γ · LM loss, beside the surrogate
     row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["ptx_loss"] == pytest.approx(sum(seen["ptx"]) / n)
     assert row["pg_loss"] == pytest.approx(sum(seen["pg"]) / n)  # the logged pg_loss is the surrogate alone
