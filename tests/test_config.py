@@ -92,6 +92,13 @@ RANGES = {
     "ppo.eval_every": ([1, None], [0]),
     "ppo.eval_prompts": ([1], [0]),
     "ppo.save_every": ([1], [0]),
+    "ppo.ptx_coef": ([0.0, 27.8], [-1e-3]),
+    "ppo.ptx_batch_size": ([1], [0]),
+    "ppo.monitor_window": ([2], [1]),
+    "ppo.monitor_gold_drop": ([1e-3], [0.0]),
+    "ppo.monitor_entropy_ratio": ([0.01, 0.99], [0.0, 1.0]),
+    "ppo.monitor_kl_accel": ([1.01], [1.0]),
+    "ppo.monitor_kl_growth": ([1e-3], [0.0]),
     "eval.max_new_tokens": ([1, 126], [0, 127]),
     "eval.temperature": ([0.0, 2.0], [-0.1]),        # 0 = greedy
     "eval.batch_size": ([1], [0]),
