@@ -44,7 +44,11 @@ def machine() -> dict:
 
 def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64,
                    preset: str = "quick", smoke: bool = False) -> dict:
-    """Run (or resume) experiment `name` under out_root/name; returns the experiment.json document."""
+    """Run (or resume) experiment `name` under out_root/name; returns the experiment.json document.
+
+    seeds: arms per variant, seeded cfg.seed, cfg.seed + 1, ...; rounds: iterate's rounds; n_max:
+    best-of-n's largest n. ValueError (before any compute) for --data.* files (gold needs the
+    embedded task) or an arm directory that holds a run of another configuration."""
     check_embedded_task(cfg)
     exp = EXPERIMENTS[name]
     out_root = Path(out_root)
