@@ -27,7 +27,7 @@ import torch
 
 from . import _checks
 from ._dispatch import backend_for
-from .logprobs import (
+from ._rows import (
     IGNORE_INDEX,
     compute_dtype,
     torch_backward,

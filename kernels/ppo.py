@@ -48,22 +48,22 @@ import torch
 
 from . import _checks
 from ._dispatch import backend_for, triton_kernel
-from .logprobs import (
+from ._rows import (
     IGNORE_INDEX,
+    _row_offset,
     _softmax_row_stats,
     _write_row_grad,
+    as_rows,
     block_v,
     compute_dtype,
-    _row_offset,
-    as_rows,
     num_rows,
     num_warps,
     row_strides,
-    token_logprobs_reference,
     torch_backward,
     torch_forward,
     triton_backward,
 )
+from .logprobs import token_logprobs_reference
 
 tl = None  # triton.language, bound by _dispatch.load_triton(); annotations stay strings
 

@@ -7,7 +7,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
-import kernels.logprobs  # noqa: E402
+import kernels._rows  # noqa: E402
 from kernels._dispatch import force_backend  # noqa: E402
 
 
@@ -20,8 +20,8 @@ def pytest_configure(config):
 def small_blocks(monkeypatch):
     """Tiny Triton vocabulary blocks and torch row chunks, so that the small test shapes
     still span several blocks and chunks, the last one ragged."""
-    monkeypatch.setattr(kernels.logprobs, "MAX_BLOCK_V", 16)
-    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 128)
+    monkeypatch.setattr(kernels._rows, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(kernels._rows, "CHUNK_ELEMENTS", 128)
 
 
 @pytest.fixture(params=["torch", "triton"])

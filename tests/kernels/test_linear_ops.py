@@ -188,4 +188,4 @@ def test_token_path_peak_memory_is_the_gradient_plus_chunks():
     clone_and_grad = 2 * N * V * 4
     with kernels._dispatch.force_backend("torch"):
         peak = peak_extra_bytes(run)
-    assert peak < clone_and_grad + 8 * kernels.logprobs.CHUNK_ELEMENTS * 4 + 64 * N * 4, peak
+    assert peak < clone_and_grad + 8 * kernels._rows.CHUNK_ELEMENTS * 4 + 64 * N * 4, peak
