@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._checks import check_ppo_args
 from ._dispatch import backend_for
 from ._rows import (
     IGNORE_INDEX,
@@ -37,7 +38,6 @@ from ._rows import (
 )
 from .ppo import (
     PPOLossStats,
-    check_ppo_args,
     prepare_tokens,
     reduce_stats,
     torch_ppo_forward,

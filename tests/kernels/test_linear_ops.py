@@ -75,6 +75,27 @@ def test_linear_ppo_loss(backend, chunk, cfg):
     torch.testing.assert_close(wf.grad, wr.grad, atol=3e-5, rtol=1e-5)
 
 
+def test_linear_ppo_extreme_log_ratios(backend):
+    # log-ratios of +-100 and +-1e4 to the old and reference policies: finite, and equal to
+    # the reference, which clamps them at the same bound (kernels/ppo.py)
+    h, w, labels, old, adv, ref, mask = rand_linear((8,), 8, 37, ignore_frac=0.0)
+    with torch.no_grad():
+        lp = token_logprobs_reference(h @ w.t(), labels)
+    r = torch.tensor([100.0, -100.0, 1e4, -1e4, 0.1, 100.0, -1e4, 5.0])
+    old, ref = lp - r, lp + r.flip(0)
+    hr, wr = leaves(h, w)
+    hf, wf = leaves(h, w)
+    kw = dict(ref_logprobs=ref, kl_coef=0.3, kl_estimator="k3")
+    l0, _ = ppo_loss_reference(hr @ wr.t(), labels, old, adv, mask, **kw)
+    l1, _ = linear_ppo_loss(hf, wf, labels, old, adv, mask, chunk_size=3, **kw)
+    l0.backward()
+    l1.backward()
+    assert torch.isfinite(l1) and torch.isfinite(hf.grad).all() and torch.isfinite(wf.grad).all()
+    torch.testing.assert_close(l1, l0.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf.grad, hr.grad, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(wf.grad, wr.grad, atol=3e-5, rtol=1e-5)
+
+
 def test_linear_ppo_partial_grads_and_no_grad():
     h, w, labels, old, adv, ref, mask = rand_linear((10,), 6, 21)
     frozen_w = w.clone()
