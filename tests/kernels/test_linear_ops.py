@@ -156,9 +156,13 @@ def test_linear_float64_torch_path():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(16384, 128256, 4096) == 512  # a chunk of logits ~ the size of hidden
+    # the chunk of logits may take the bytes of the weight's gradient (V x H)...
+    for N, V, H, size in ((16384, 128256, 4096, 2), (4096, 32000, 256, 4), (4096, 32000, 1024, 4)):
+        rows = default_chunk_size(N, V, H, size)
+        assert rows * V * size <= V * H * size < (rows + 1) * V * size
+    # ...or 16 MiB where that is more, and never more than N rows
+    assert default_chunk_size(4096, 32000, 64, 4) == (16 << 20) // (32000 * 4) == 131
     assert default_chunk_size(10, 1000, 8) == 10
-    assert default_chunk_size(4096, 32000, 128) == 32
 
 
 # --------------------------------------------------------------------------- memory
@@ -194,6 +198,25 @@ def test_linear_peak_memory_is_per_chunk():
         # gradients of h and w plus a few chunk x V temporaries; the full logits would be 8 MB
         assert peak < 8 * chunk * V * 4 + 3 * (N + V) * H * 4 + 64 * N * 4, peak
         assert peak < full_logits / 2
+
+
+def test_default_chunk_peak_memory_is_within_the_budget(monkeypatch):
+    # with the 16 MiB floor off, the default chunk is H rows: one reused chunk buffer the
+    # size of dW, plus dW and dh themselves and per-token vectors (a fresh buffer per chunk
+    # would hold two chunks at once and exceed this by V * H * 4 bytes)
+    monkeypatch.setattr(kernels.linear, "MIN_CHUNK_BYTES", 0)
+    N, H, V = 600, 16, 3000
+    h, w, labels, old, adv, ref, mask = rand_linear((N,), H, V)
+    assert default_chunk_size(N, V, H, 4) == H
+
+    def run():
+        a, b = leaves(h, w)
+        linear_ppo_loss(a, b, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)[0].backward()
+
+    leaves_ = (N + V) * H * 4  # the clones run() makes of h and w
+    budget = 2 * V * H * 4 + N * H * 4
+    small = 8 * kernels._rows.CHUNK_ELEMENTS * 4 + 64 * N * 4
+    assert peak_extra_bytes(run) < leaves_ + budget + small
 
 
 def test_token_path_peak_memory_is_the_gradient_plus_chunks():
