@@ -29,6 +29,12 @@ Conventions
    "Total Allocated" track, which counts every tensor torch allocates).
 5. A benchmark whose timed call is not the thing measured (a subprocess that reports its
    own time per iteration) passes `time_s=` to measure(); ratios then use it.
+   One PPO iteration: bench/test_trl_ppo_bench.py records TRL's PPO trainer in group
+   PPO_ITERATION_GROUP (impls "trl-<version>" as shipped and "trl-<version>-gc-removed");
+   our side joins the same group from bench/test_ppo_bench.py with
+   `measure(benchmark, one_iteration, group=PPO_ITERATION_GROUP, impl="minirlhf", ours=True,
+   memory=False, generate_s=..., score_s=..., bookkeeping_s=..., update_s=...)` on the
+   `ppo_iteration_shapes` fixture, and the ratios to both TRL entries follow.
 6. Other facts go in `benchmark.extra_info` under names with units (tokens_per_s,
    achieved_GBps, peak_bytes); agreement checks under `max_abs_diff_*`.
 7. MINIRLHF_REQUIRE_CUDA=1 (set by bench/gpu.sh) turns every skip into a failure, so
@@ -80,6 +86,15 @@ SIZES = {
 SIZE_SET = os.environ.get("MINIRLHF_BENCH_SIZES", DEVICE)
 if SIZE_SET not in SIZES:
     raise pytest.UsageError(f"MINIRLHF_BENCH_SIZES={SIZE_SET!r}: expected one of {', '.join(SIZES)}")
+
+# One PPO iteration, minirlhf vs TRL's PPO trainer (bench/test_trl_ppo_bench.py runs TRL
+# with these, bench/test_ppo_bench.py our trainer with the same): four models (policy,
+# reference, reward, value) with this Llama shape -- 1.31M parameters for the policy with
+# an untied LM head -- 16 prompts of 16 tokens, 32 new tokens, 4 PPO epochs, one minibatch.
+PPO_ITERATION_SHAPES = dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+                            prompts=16, prompt_len=16, new_tokens=32, ppo_epochs=4, minibatches=1)
+PPO_ITERATION_GROUP = "ppo_iteration"
+TRL_VERSIONS = ("1.12.0",)  # the venvs bench/trl_ppo/make_venv.sh builds for that comparison
 
 # Peak memory bandwidth (bytes/s) by device-name fragment, for cards whose properties lack
 # the memory clock and bus width (first match wins, so specific names come first).
@@ -285,6 +300,32 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionstart(session):
     if REQUIRE_CUDA and DEVICE != "cuda":
         raise pytest.UsageError("MINIRLHF_REQUIRE_CUDA=1 but torch sees no CUDA device")
+
+
+@pytest.fixture(scope="session")
+def ppo_iteration_shapes() -> dict:
+    """The shapes of the PPO-iteration comparison (PPO_ITERATION_SHAPES)."""
+    return dict(PPO_ITERATION_SHAPES)
+
+
+def trl_ppo_iteration(version: str, iterations: int = 3, threads: int = 0) -> dict:
+    """Runs bench/trl_ppo/trl_ppo_iteration.py in bench/.venv-trl-<version> (built by
+    bench/trl_ppo/make_venv.sh first if missing, which takes minutes) and returns its JSON:
+    per mode ("shipped", "gc_removed") the seconds of each timed iteration and more."""
+    import subprocess
+    import sys
+
+    venv_python = BENCH_DIR / f".venv-trl-{version}" / "bin" / "python"
+    if not venv_python.exists():
+        subprocess.run(["bash", str(BENCH_DIR / "trl_ppo" / "make_venv.sh"), version], check=True)
+    cmd = [str(venv_python), str(BENCH_DIR / "trl_ppo" / "trl_ppo_iteration.py"),
+           "--shapes", json.dumps(PPO_ITERATION_SHAPES), "--iterations", str(iterations),
+           "--threads", str(threads or torch.get_num_threads())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
