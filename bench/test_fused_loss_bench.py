@@ -100,7 +100,7 @@ def logprobs_call(impl, d):
             out.sum().backward()
             return out, x.grad
         return run
-    op = {"ours": kernels.token_logprobs, "naive": token_logprobs_reference}[impl]
+    op = {"kernels": kernels.token_logprobs, "naive": token_logprobs_reference}[impl]
 
     def run():
         x = d["logits"].detach().requires_grad_()
@@ -111,7 +111,7 @@ def logprobs_call(impl, d):
 
 
 def ppo_call(impl, d):
-    op = {"ours": kernels.ppo_loss, "naive": ppo_loss_reference}[impl]
+    op = {"kernels": kernels.ppo_loss, "naive": ppo_loss_reference}[impl]
 
     def run():
         x = d["logits"].detach().requires_grad_()
@@ -128,7 +128,7 @@ def linear_call(impl, d):
 
     def run():
         h, w = d["hidden"].detach().requires_grad_(), d["weight"].detach().requires_grad_()
-        if impl == "ours":
+        if impl == "kernels":
             loss, _ = kernels.linear_ppo_loss(h, w, d["labels"], d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"],
                                               clip_eps=CLIP, kl_coef=KL_COEF, kl_estimator="k3")
         elif impl == "naive":
@@ -173,7 +173,7 @@ def _grpo_loss_module(impl):
 @pytest.fixture(scope="module")
 def check_logprobs(logits_batch):
     want = logprobs_call("naive", logits_batch)()
-    got = logprobs_call("ours", logits_batch)()
+    got = logprobs_call("kernels", logits_batch)()
     tol = _tol(logits_batch["logits"].dtype)
     return {"max_abs_diff_logp": assert_close_rel("logp", got[0], want[0], tol),
             "max_abs_diff_grad": assert_close_rel("dlogits", got[1], want[1], tol)}
@@ -182,7 +182,7 @@ def check_logprobs(logits_batch):
 @pytest.fixture(scope="module")
 def check_ppo(logits_batch):
     want = ppo_call("naive", logits_batch)()
-    got = ppo_call("ours", logits_batch)()
+    got = ppo_call("kernels", logits_batch)()
     tol = _tol(logits_batch["logits"].dtype)
     return {"max_abs_diff_loss": assert_close_rel("loss", got[0], want[0], tol),
             "max_abs_diff_grad": assert_close_rel("dlogits", got[1], want[1], tol)}
@@ -190,7 +190,7 @@ def check_ppo(logits_batch):
 
 @pytest.fixture(scope="module")
 def linear_ours(batch):
-    return linear_call("ours", batch)()
+    return linear_call("kernels", batch)()
 
 
 def check_linear(impl, batch, ours):
@@ -220,29 +220,30 @@ def _bandwidth_facts(info, floor_bytes, benchmark):
 
 
 # Liger's cross entropy is a Triton kernel: a reference on CUDA only
-@pytest.mark.parametrize("impl", ["ours", "naive"] + (["liger"] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("impl", ["kernels", "naive"] + (["liger"] if DEVICE == "cuda" else []))
 def test_token_logprobs(benchmark, logits_batch, check_logprobs, impl):
-    extra = check_logprobs if impl == "ours" else {}
+    extra = check_logprobs if impl == "kernels" else {}
     if impl == "liger":
         got = logprobs_call("liger", logits_batch)()
         want = logprobs_call("naive", logits_batch)()
         extra = {"max_abs_diff_logp": assert_close_rel("liger logp", got[0], want[0].reshape(-1), _tol(got[0].dtype))}
     info = measure(benchmark, logprobs_call(impl, logits_batch), group="token_logprobs", impl=impl,
-                   ours=impl == "ours", **extra)
+                   ours=impl == "kernels", **extra)
     _bandwidth_facts(info, _floor_bytes(logits_batch), benchmark)
 
 
-@pytest.mark.parametrize("impl", ["ours", "naive"])
+@pytest.mark.parametrize("impl", ["kernels", "naive"])
 def test_ppo_loss(benchmark, logits_batch, check_ppo, impl):
-    info = measure(benchmark, ppo_call(impl, logits_batch), group="ppo_loss", impl=impl, ours=impl == "ours",
-                   **(check_ppo if impl == "ours" else {}))
+    info = measure(benchmark, ppo_call(impl, logits_batch), group="ppo_loss", impl=impl, ours=impl == "kernels",
+                   **(check_ppo if impl == "kernels" else {}))
     _bandwidth_facts(info, _floor_bytes(logits_batch), benchmark)
 
 
-@pytest.mark.parametrize("impl", ["ours", "naive", "liger", "trl"])
+@pytest.mark.parametrize("impl", ["kernels", "naive", "liger", "trl"])
 def test_linear_ppo_loss(benchmark, batch, linear_ours, impl):
-    extra = {} if impl == "ours" else check_linear(impl, batch, linear_ours)
-    measure(benchmark, linear_call(impl, batch), group="linear_ppo_loss", impl=impl, ours=impl == "ours", **extra)
+    extra = {} if impl == "kernels" else check_linear(impl, batch, linear_ours)
+    measure(benchmark, linear_call(impl, batch), group="linear_ppo_loss", impl=impl, ours=impl == "kernels",
+            **extra)
     if DEVICE == "cuda":
         B, T, H = batch["hidden"].shape
         flops = 6 * B * T * H * batch["weight"].shape[0]
