@@ -94,7 +94,7 @@ if SIZE_SET not in SIZES:
 PPO_ITERATION_SHAPES = dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                             prompts=16, prompt_len=16, new_tokens=32, ppo_epochs=4, minibatches=1)
 PPO_ITERATION_GROUP = "ppo_iteration"
-TRL_VERSIONS = ("1.12.0",)  # the venvs bench/trl_ppo/make_venv.sh builds for that comparison
+TRL_VERSIONS = ("1.12.0", "0.11.4")  # venvs bench/trl_ppo/make_venv.sh builds (0.11.4: PPOv2Trainer)
 
 # Peak memory bandwidth (bytes/s) by device-name fragment, for cards whose properties lack
 # the memory clock and bus width (first match wins, so specific names come first).

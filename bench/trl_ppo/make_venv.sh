@@ -2,7 +2,7 @@
 # Builds the virtual environment the PPO-iteration benchmark runs TRL in:
 #
 #   bash bench/trl_ppo/make_venv.sh 1.12.0    # -> bench/.venv-trl-1.12.0 (trl.experimental.ppo)
-#   bash bench/trl_ppo/make_venv.sh 0.11.4    # -> bench/.venv-trl-0.11.4 (the classic PPOTrainer)
+#   bash bench/trl_ppo/make_venv.sh 0.11.4    # -> bench/.venv-trl-0.11.4 (PPOv2Trainer; the last with the classic PPOTrainer)
 #
 # TRL is never a dependency of minirlhf: it lives in its own venv (git-ignored), beside
 # the same torch as ours. torch is installed first and pinned, so that pip resolves TRL's

@@ -14,7 +14,10 @@ random token ids, then runs the trainer twice from the same seed:
 - "gc_removed": the trainer module's `gc` replaced by one whose collect() does nothing.
 
 TRL 1.12.0 is the newest release with `trl.experimental.ppo.PPOTrainer`; 0.11.x ships the
-same trainer as `trl.PPOv2Trainer` (used when trl.experimental.ppo is absent).
+same trainer as `trl.PPOv2Trainer` (used when trl.experimental.ppo is absent). 0.11.4's
+classic `trl.PPOTrainer` (the step(queries, responses, scores) API around one model with a
+value head on the policy's trunk) is a different design -- three models, not four -- and is
+not timed here.
 
 --shapes is a JSON object (bench/conftest.py's PPO_ITERATION_SHAPES):
   vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim   the Llama config of all four models
@@ -62,16 +65,25 @@ def parse_args(argv):
     return args
 
 
-def trainer_module():
-    """(the module defining PPOTrainer, the PPOTrainer class, the PPOConfig class)."""
+def trainer_api():
+    """(the module defining the trainer, a function building it from our objects, its config class)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
         from trl.experimental.ppo import ppo_trainer as mod
-        return mod, mod.PPOTrainer, __import__("trl.experimental.ppo", fromlist=["PPOConfig"]).PPOConfig
-    except ImportError:
-        import trl
-        from trl.trainer import ppov2_trainer as mod  # TRL 0.11.x
-        return mod, trl.PPOv2Trainer, trl.PPOv2Config
+
+        def build(config, tokenizer, policy, ref, reward, value, dataset, callbacks):
+            return PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
+                              reward_model=reward, train_dataset=dataset, value_model=value, callbacks=callbacks)
+        return mod, build, PPOConfig
+    except ImportError:  # TRL 0.11.x: the same trainer, named PPOv2Trainer, older argument names
+        from trl import PPOv2Config, PPOv2Trainer
+        from trl.trainer import ppov2_trainer as mod
+
+        def build(config, tokenizer, policy, ref, reward, value, dataset, callbacks):
+            return PPOv2Trainer(config=config, tokenizer=tokenizer, policy=policy, ref_policy=ref,
+                                reward_model=reward, train_dataset=dataset, value_model=value, callbacks=callbacks)
+        return mod, build, PPOv2Config
 
 
 def make_tokenizer(vocab_size):
@@ -108,7 +120,7 @@ def run_mode(mode, args):
     import torch
     from transformers import TrainerCallback
 
-    mod, PPOTrainer, PPOConfig = trainer_module()
+    mod, build, PPOConfig = trainer_api()
     s = args.shapes
     gc_seconds = []
     real_gc = gc
@@ -146,9 +158,7 @@ def run_mode(mode, args):
                 num_sample_generations=0, stop_token="eos", temperature=1.0, kl_coef=0.05,
                 learning_rate=1e-5, save_strategy="no", logging_steps=10**9, disable_tqdm=True,
             )
-            trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
-                                 reward_model=reward, train_dataset=dataset, value_model=value,
-                                 callbacks=[IterationClock()])
+            trainer = build(config, tokenizer, policy, ref, reward, value, dataset, [IterationClock()])
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # the trainer prints tables of metrics
                 trainer.train()
