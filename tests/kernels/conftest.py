@@ -2,10 +2,9 @@
 set TRITON_INTERPRET before anything imports triton (kernels itself imports it lazily).
 
 MINIRLHF_REQUIRE_CUDA=1 (bench/gpu.sh) is the other mode: the interpreter stays off, so
-test_cuda_compiled.py compiles the kernels for the GPU for real, and every skip is turned
-into a failure -- a kernel that cannot run on the machine that has to run it is an error.
-The CPU tests that force the Triton backend on CPU tensors need the interpreter, so that
-mode runs test_cuda_compiled.py only.
+test_cuda_compiled.py compiles the kernels for the GPU for real (and errors out instead of
+skipping where it cannot). The CPU tests that force the Triton backend on CPU tensors need
+the interpreter, so that mode runs test_cuda_compiled.py only.
 """
 
 import os
@@ -18,16 +17,6 @@ import pytest  # noqa: E402
 
 import kernels._rows  # noqa: E402
 from kernels._dispatch import force_backend  # noqa: E402
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if REQUIRE_CUDA and report.skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = f"skipped under MINIRLHF_REQUIRE_CUDA=1, which makes a skip an error: {reason}"
 
 
 def pytest_configure(config):
