@@ -156,6 +156,7 @@ def machine_facts() -> dict:
         "torch": torch.__version__, "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "date": datetime.date.today().isoformat(), "sizes": SIZE_SET,
+        "size_values": {k: {n: str(v).replace("torch.", "") for n, v in d.items()} for k, d in SIZES[SIZE_SET].items()},
     }
     for dist in ("triton", "transformers", "liger-kernel", "trl", "pytest-benchmark"):
         facts[dist] = _version(dist)

@@ -94,9 +94,12 @@ def device_header(data: dict, path: Path) -> list[str]:
     threads = f", {n} torch thread{'s' * (n != 1)} of {m.get('cpu_count')} CPUs" if kind == "CPU" else ""
     load_avg = f", load average {m['load_average_1min']} at the end" if "load_average_1min" in m else ""
     sizes = f", sizes `{m['sizes']}`" if m.get("sizes") not in (None, m.get("device")) else ""
-    return [f"### {kind}: {name} (`{path.name}`)", "",
-            f"Measured {m.get('date') or data.get('datetime', '?')[:10]}{threads}{load_avg}{sizes}; "
-            + ", ".join(versions) + ".", ""]
+    lines = [f"### {kind}: {name} (`{path.name}`)", "",
+             f"Measured {m.get('date') or data.get('datetime', '?')[:10]}{threads}{load_avg}{sizes}; "
+             + ", ".join(versions) + "."]
+    for what, values in (m.get("size_values") or {}).items():
+        lines.append(f"Sizes `{what}`: " + ", ".join(f"{k}={v}" for k, v in values.items()) + ".")
+    return lines + [""]
 
 
 def group_table(name: str, group: dict, extras: dict) -> list[str]:
