@@ -34,7 +34,8 @@ Conventions
    our side joins the same group from bench/test_ppo_bench.py with
    `measure(benchmark, one_iteration, group=PPO_ITERATION_GROUP, impl="minirlhf", ours=True,
    memory=False, generate_s=..., score_s=..., bookkeeping_s=..., update_s=...)` on the
-   `ppo_iteration_shapes` fixture, and the ratios to both TRL entries follow.
+   `ppo_iteration_shapes` / `ppo_iteration_model_config` fixtures, and the ratios to
+   every TRL entry follow (bench-report shows the *_s phase times as notes).
 6. Other facts go in `benchmark.extra_info` under names with units (tokens_per_s,
    achieved_GBps, peak_bytes); agreement checks under `max_abs_diff_*`.
 7. MINIRLHF_REQUIRE_CUDA=1 (set by bench/gpu.sh) turns every skip into a failure, so
@@ -307,6 +308,19 @@ def pytest_sessionstart(session):
 def ppo_iteration_shapes() -> dict:
     """The shapes of the PPO-iteration comparison (PPO_ITERATION_SHAPES)."""
     return dict(PPO_ITERATION_SHAPES)
+
+
+@pytest.fixture(scope="session")
+def ppo_iteration_model_config():
+    """minirlhf's ModelConfig with the Llama shape TRL's four models get (untied LM head,
+    room for prompt + response). TRL's side also uses: kl_coef 0.05, lr 1e-5, temperature
+    1, responses cut at EOS, one minibatch of all the prompts, 4 PPO epochs."""
+    from minirlhf.config import ModelConfig
+
+    s = PPO_ITERATION_SHAPES
+    return ModelConfig(vocab_size=s["vocab_size"], dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                       n_kv_heads=s["n_kv_heads"], ffn_dim=s["ffn_dim"], max_seq_len=s["prompt_len"] + s["new_tokens"],
+                       tie_embeddings=False)
 
 
 def trl_ppo_iteration(version: str, iterations: int = 3, threads: int = 0) -> dict:
