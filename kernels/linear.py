@@ -13,8 +13,8 @@ take as many bytes as the weight's gradient (V x H), which the op returns anyway
 peak stays about twice the gradients whatever N is. In rows that is H, which is also
 what keeps the matmuls efficient: dW += dlogits^T @ hidden reads and writes all of dW for
 every chunk, 2 * rows * V * H flops per 2 * V * H elements moved, so chunks of a few dozen
-rows leave the matmul memory-bound (measured in bench/test_fused_loss_bench.py: 32-row
-chunks took 1.6x the time of 128-row ones at N=4096, H=256, V=32000 on a CPU).
+rows leave the matmul memory-bound (at N=4096, H=256, V=32000 fp32 on a 2-core CPU,
+32-row chunks took 1.6x the time of 128-row ones; bench/test_fused_loss_bench.py).
 
 How the gradients are formed:
 - linear_ppo_loss returns a scalar, so its gradient is known up to the upstream scalar
