@@ -6,7 +6,8 @@ The (tokens x vocab) logits dominate an LM-RL loss. These ops read the logits on
 forward and write their gradient once backward (Triton on CUDA tensors, a chunked torch
 path elsewhere); the linear_* variants fuse the LM-head matmul so the full logits never
 exist. Each op's file (logprobs.py, ppo.py, linear.py) states its formulas, and holds a
-plain-torch reference (`*_reference`) that the tests compare against.
+plain-torch reference (`*_reference`) that the tests compare against; _rows.py holds the
+row math they share (softmax statistics and gradient of rows of logits, both paths).
 
 This package is named `kernels`, like the Hugging Face kernel downloader that
 transformers can use; both install into site-packages/kernels, so install one or the

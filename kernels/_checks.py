@@ -10,6 +10,8 @@ import math
 
 import torch
 
+LOSS_AGGS = ("token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -103,3 +105,39 @@ def _as_float(op: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{op}: {name} must be a number, got {type(value).__name__}")
     return float(value)
+
+
+def check_ppo_args(op, ref_tensor, lead, labels, old_logprobs, advantages, mask, ref_logprobs,
+                   clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, temperature, loss_agg,
+                   ref_name="logits"):
+    """Validates the per-token inputs and scalars shared by ppo_loss and linear_ppo_loss."""
+    kw = dict(ref_name=ref_name)
+    check_token_values(op, "old_logprobs", old_logprobs, lead, ref_tensor, **kw)
+    check_token_values(op, "advantages", advantages, lead, ref_tensor, **kw)
+    if mask is not None:
+        check_token_values(op, "mask", mask, lead, ref_tensor, allow_bool=True, **kw)
+    if ref_logprobs is not None:
+        check_token_values(op, "ref_logprobs", ref_logprobs, lead, ref_tensor, **kw)
+    clip_low = check_finite(op, "clip_eps", clip_eps)
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"{op}: clip_eps must be in [0, 1), got {clip_eps!r}")
+    clip_high = clip_low if clip_eps_high is None else check_finite(op, "clip_eps_high", clip_eps_high)
+    if clip_high < 0.0:
+        raise ValueError(f"{op}: clip_eps_high must be >= 0, got {clip_eps_high!r}")
+    if dual_clip is not None:
+        dual_clip = check_finite(op, "dual_clip", dual_clip)
+        if dual_clip <= 1.0:
+            raise ValueError(f"{op}: dual_clip must be > 1 (e.g. 3.0), got {dual_clip!r}")
+    kl_coef = check_finite(op, "kl_coef", kl_coef)
+    check_choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_choice(op, "loss_agg", loss_agg, LOSS_AGGS)
+    if loss_agg.startswith("seq-") and len(lead) < 2:
+        raise ValueError(
+            f"{op}: loss_agg={loss_agg!r} needs sequence structure: {ref_name} of shape (B, T, ...) "
+            f"with labels (B, T); got labels of shape {tuple(lead)}"
+        )
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logprobs")
+    inv_temp = 1.0 / check_positive(op, "temperature", temperature)
+    return dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator), inv_temp

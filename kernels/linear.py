@@ -4,8 +4,17 @@ computed chunk by chunk of tokens and never exists whole.
     linear_token_logprobs(hidden (..., H), weight (V, H), labels (...)) = token_logprobs(hidden @ weight.T, labels)
     linear_ppo_loss(hidden, weight, labels, ...)                       = ppo_loss(hidden @ weight.T, labels, ...)
 
-Peak extra memory is one chunk of logits (chunk x V, overwritten in place by its own
-gradient) plus the gradients of hidden and weight, instead of several N x V tensors.
+Peak extra memory is one chunk of logits (chunk x V, one buffer reused by every chunk
+and overwritten in place by its own gradient) plus the gradients of hidden and weight,
+instead of several N x V tensors.
+
+How many rows a chunk has comes from a memory budget (default_chunk_size): the chunk may
+take as many bytes as the weight's gradient (V x H), which the op returns anyway, so the
+peak stays about twice the gradients whatever N is. In rows that is H, which is also
+what keeps the matmuls efficient: dW += dlogits^T @ hidden reads and writes all of dW for
+every chunk, 2 * rows * V * H flops per 2 * V * H elements moved, so chunks of a few dozen
+rows leave the matmul memory-bound (at N=4096, H=256, V=32000 fp32 on a 2-core CPU,
+32-row chunks took 1.6x the time of 128-row ones; bench/test_fused_loss_bench.py).
 
 How the gradients are formed:
 - linear_ppo_loss returns a scalar, so its gradient is known up to the upstream scalar
@@ -26,8 +35,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._checks import check_ppo_args
 from ._dispatch import backend_for
-from .logprobs import (
+from ._rows import (
     IGNORE_INDEX,
     compute_dtype,
     torch_backward,
@@ -37,7 +47,6 @@ from .logprobs import (
 )
 from .ppo import (
     PPOLossStats,
-    check_ppo_args,
     prepare_tokens,
     reduce_stats,
     torch_ppo_forward,
@@ -45,12 +54,23 @@ from .ppo import (
 )
 
 
-def default_chunk_size(N: int, V: int, H: int) -> int:
-    """Token rows per chunk: a chunk of logits about the size of `hidden` (N x H), in
-    powers of two, at least 32 rows so that each matmul stays efficient."""
-    target = max(1, (N * H) // V)
-    rows = 1 << (target.bit_length() - 1)
-    return max(1, min(N, max(32, rows)))
+# The smallest budget for a chunk of logits, for heads so small that V x H would give
+# chunks too thin for an efficient matmul (e.g. H = 64 with a large vocabulary).
+MIN_CHUNK_BYTES = 16 << 20
+
+
+def default_chunk_size(N: int, V: int, H: int, itemsize: int = 4) -> int:
+    """Token rows per chunk, from a memory budget: the chunk of logits (rows x V elements of
+    `itemsize` bytes, the hidden/weight dtype) may take as many bytes as the weight's
+    gradient (V x H), or MIN_CHUNK_BYTES if that is more; at most N rows, at least 1."""
+    budget = max(V * H * itemsize, MIN_CHUNK_BYTES)
+    return max(1, min(N, budget // (V * itemsize)))
+
+
+def _chunk_buffer(h, weight, chunk):
+    """The one (chunk, V) buffer every chunk's logits are computed into: a fresh tensor per
+    chunk would hold two chunks at once while the next one is being computed."""
+    return torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=h.dtype, device=h.device)
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -62,9 +82,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         lse = torch.empty(N, dtype=cdtype, device=h.device)
         ent = torch.empty(N, dtype=cdtype, device=h.device) if with_entropy else None
         fwd = triton_forward if backend == "triton" else torch_forward
+        buf = _chunk_buffer(h, weight, chunk)
         for i in range(0, N, chunk):
             sl = slice(i, i + chunk)
-            a, b, c = fwd(h[sl] @ weight.t(), labels[sl], inv_temp, ignore_index, with_entropy)
+            logits = torch.mm(h[sl], weight.t(), out=buf[:h[sl].shape[0]])
+            a, b, c = fwd(logits, labels[sl], inv_temp, ignore_index, with_entropy)
             logp[sl], lse[sl] = a, b
             if with_entropy:
                 ent[sl] = c
@@ -86,9 +108,10 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
         bwd = triton_backward if backend == "triton" else torch_backward
+        buf = _chunk_buffer(h, weight, chunk)
         for i in range(0, h.shape[0], chunk):
             sl = slice(i, i + chunk)
-            dlogits = h[sl] @ weight.t()
+            dlogits = torch.mm(h[sl], weight.t(), out=buf[:h[sl].shape[0]])
             bwd(dlogits, labels[sl], lse[sl], None if ent is None else ent[sl], g[sl],
                 None if g_ent is None else g_ent[sl], inv_temp, ignore_index, dlogits)
             if need_h:
@@ -109,9 +132,10 @@ class LinearPPOLossFunction(torch.autograd.Function):
         stats = torch.empty(4, N, dtype=sdtype, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
+        buf = _chunk_buffer(h, weight, chunk)
         for i in range(0, N, chunk):
             sl = slice(i, i + chunk)
-            logits = h[sl] @ weight.t()
+            logits = torch.mm(h[sl], weight.t(), out=buf[:h[sl].shape[0]])
             ref_c = None if ref is None else ref[sl]
             args = (labels[sl], old[sl], adv[sl], ref_c, w[sl], inv_temp, ignore_index, cfg)
             if backend == "triton":
@@ -166,9 +190,9 @@ def _check_linear(op, hidden, weight, labels, ignore_index):
     return lead, V, H
 
 
-def _chunk(op, chunk_size, N, V, H):
+def _chunk(op, chunk_size, N, V, H, itemsize):
     if chunk_size is None:
-        return default_chunk_size(N, V, H)
+        return default_chunk_size(N, V, H, itemsize)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
@@ -180,14 +204,14 @@ def linear_token_logprobs(hidden, weight, labels, temperature=1.0, return_entrop
 
     hidden (..., H), weight (V, H) of one float dtype, labels (...). Returns logp (...)
     float32 (float64 for float64 inputs) [, entropy (...)]; differentiable w.r.t. hidden
-    and weight. chunk_size: token rows per chunk (default: see default_chunk_size).
+    and weight. chunk_size: token rows per chunk (default: from the memory budget of default_chunk_size).
     """
     op = "linear_token_logprobs"
     lead, V, H = _check_linear(op, hidden, weight, labels, ignore_index)
     inv_temp = 1.0 / _checks.check_positive(op, "temperature", temperature)
     h = hidden.reshape(-1, H)
     N = h.shape[0]
-    chunk = _chunk(op, chunk_size, N, V, H)
+    chunk = _chunk(op, chunk_size, N, V, H, hidden.element_size())
     if N == 0:
         zero = hidden.new_zeros(lead, dtype=compute_dtype(hidden.dtype)) + 0.0 * (hidden.sum() + weight.sum())
         return (zero, zero.clone()) if return_entropy else zero
@@ -215,7 +239,7 @@ def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask=None,
                                    loss_agg, ref_name="hidden")
     h = hidden.reshape(-1, H)
     N = h.shape[0]
-    chunk = _chunk(op, chunk_size, N, V, H)
+    chunk = _chunk(op, chunk_size, N, V, H, hidden.element_size())
     backend = backend_for(hidden)
     sdtype = torch.float32 if backend == "triton" else compute_dtype(hidden.dtype)
     labels_eff, old, adv, ref, w, valid = prepare_tokens(labels, old_logprobs, advantages, mask, ref_logprobs,

@@ -3,13 +3,14 @@
 Per token i (valid = label != ignore_index and mask != 0), with logp_i the log-prob of
 the label under softmax(logits_i / T) (see kernels/logprobs.py):
 
-    ratio = exp(logp - old_logprobs)
+    r     = clamp(logp - old_logprobs, -B, B)    B = LOG_RATIO_CLAMP = 20 (see below)
+    ratio = exp(r)
     pg    = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
     pg    = min(pg, -A * dual_clip)            only where A < 0, if dual_clip is set
                                                (dual-clip PPO, Ye et al. 2020)
     d     = ref_logprobs - logp                the KL penalty's sign convention
-    kl    = k1: -d  (= logp - ref)   k2: d^2 / 2   k3: exp(d) - 1 - d     (Schulman's
-            estimators of KL(pi || pi_ref) from samples of pi; k3 >= 0, unbiased)
+    kl    = k1: -d  (= logp - ref)   k2: c^2 / 2   k3: exp(c) - 1 - c,  c = clamp(d, -B, B)
+            (Schulman's estimators of KL(pi || pi_ref) from samples of pi; k3 >= 0, unbiased)
     loss_i = pg + kl_coef * kl
 
 and loss = sum_i w_i * loss_i, where the weights w implement `loss_agg`:
@@ -28,14 +29,21 @@ dL/dx = w_i * dloss_i/dlogp_i * (onehot(y) - p) / T, the token_logprobs backward
 per-row coefficient, which the forward computes along with the loss:
 
     dpg/dlogp = -A * ratio where the unclipped branch is taken, else 0
-    dkl/dlogp = k1: 1   k2: -d   k3: -(exp(d) - 1)
+    dkl/dlogp = k1: 1   k2: -c   k3: -(exp(c) - 1)     (times 1[|d| <= B] for k2, k3)
 
 k3 and exp(d) - 1 are evaluated with a Taylor series for |d| < 1, where exp(d) - 1 - d
 would lose most of its digits to cancellation.
 
+The clamp keeps every term finite for finite inputs (exp overflows float32 past 88: a
+log-ratio of 100 gave an infinite loss and NaN gradients). Each log-ratio that enters an
+exp or a square (r, and d for k2/k3; k1 is linear) is clamped to [-20, 20] first, as
+veRL's policy loss and kl_penalty do. The loss is a function of the clamped value, with
+torch.clamp's gradient: exact where |log-ratio| <= 20, zero beyond, where the probability
+moved by e^20 ~ 5e8 (ppo_loss_reference applies the same clamp).
+
 Stats (detached, means over valid tokens): clipfrac = fraction of tokens where a clipped
 value was taken (ratio clip or dual clip); approx_kl = k3 of the ratio to the old policy,
-exp(r) - 1 - r with r = logp - old_logprobs, the estimate of KL(pi_old || pi);
+exp(r) - 1 - r with r the clamped logp - old_logprobs, the estimate of KL(pi_old || pi);
 kl_ref = the `kl_estimator` to the reference (0 without ref_logprobs); entropy.
 """
 
@@ -47,28 +55,28 @@ from typing import NamedTuple
 import torch
 
 from . import _checks
+from ._checks import check_ppo_args
 from ._dispatch import backend_for, triton_kernel
-from .logprobs import (
+from ._rows import (
     IGNORE_INDEX,
+    _row_offset,
     _softmax_row_stats,
     _write_row_grad,
+    as_rows,
     block_v,
     compute_dtype,
-    _row_offset,
-    as_rows,
     num_rows,
     num_warps,
     row_strides,
-    token_logprobs_reference,
     torch_backward,
     torch_forward,
     triton_backward,
 )
+from .logprobs import token_logprobs_reference
 
 tl = None  # triton.language, bound by _dispatch.load_triton(); annotations stay strings
 
-LOSS_AGGS = ("token-mean", "sum", "seq-mean-token-sum", "seq-mean-token-mean")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0  # |log-ratio| bound before exp or square (module docstring)
 
 
 class PPOLossStats(NamedTuple):
@@ -102,7 +110,7 @@ def _k3(d):
 @triton_kernel
 def _ppo_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, old_ptr, adv_ptr, ref_ptr, w_ptr,
                     loss_ptr, g_ptr, lse_ptr, stats_ptr, dlogits_ptr, stride_drow,
-                    N, V, inv_temp, ignore_index, clip_low, clip_high, dual_clip, kl_coef,
+                    N, V, inv_temp, ignore_index, clip_low, clip_high, dual_clip, kl_coef, bound,
                     BLOCK_V: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
                     HAS_DUAL: tl.constexpr, WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -114,13 +122,14 @@ def _ppo_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, old_ptr, adv_
     logp = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temp - lse
 
     adv = tl.load(adv_ptr + row)
-    log_ratio = logp - tl.load(old_ptr + row)
+    r = logp - tl.load(old_ptr + row)
+    log_ratio = tl.minimum(tl.maximum(r, -bound), bound)
     ratio = tl.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     clipped = pg2 > pg1
     pg = tl.where(clipped, pg2, pg1)
-    dpg = tl.where(clipped, 0.0, pg1)
+    dpg = tl.where(clipped | (tl.abs(r) > bound), 0.0, pg1)
     if HAS_DUAL:
         pg3 = -adv * dual_clip
         dual = (adv < 0.0) & (pg3 < pg)
@@ -132,15 +141,17 @@ def _ppo_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, old_ptr, adv_
     kl = 0.0
     if HAS_REF:
         d = tl.load(ref_ptr + row) - logp
+        c = tl.minimum(tl.maximum(d, -bound), bound)
+        inside = tl.abs(d) <= bound
         if KL_EST == 1:
             kl = -d
             dkl = 1.0
         elif KL_EST == 2:
-            kl = 0.5 * d * d
-            dkl = -d
+            kl = 0.5 * c * c
+            dkl = tl.where(inside, -c, 0.0)
         else:
-            kl = _k3(d)
-            dkl = -(d + kl)  # -(exp(d) - 1), accurate at small d through the series
+            kl = _k3(c)
+            dkl = tl.where(inside, -(c + kl), 0.0)  # -(exp(c) - 1), accurate at small c through the series
         loss = loss + kl_coef * kl
         dloss = dloss + kl_coef * dkl
 
@@ -172,7 +183,7 @@ def triton_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg,
         x, *row_strides(x), labels, old, adv, ref if ref is not None else old, w,
         loss, g, lse, stats, grad_out if write else x, grad_out.stride(0) if write else 0,
         N, V, inv_temp, ignore_index, cfg["clip_low"], cfg["clip_high"],
-        cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0, cfg["kl_coef"],
+        cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0, cfg["kl_coef"], LOG_RATIO_CLAMP,
         BLOCK_V=blk, HAS_REF=ref is not None, KL_EST=int(cfg["kl_estimator"][1]),
         HAS_DUAL=cfg["dual_clip"] is not None, WRITE_GRAD=write, num_warps=num_warps(blk),
     )
@@ -194,13 +205,15 @@ def k3(d: torch.Tensor) -> torch.Tensor:
 
 def token_terms(logp, old, adv, ref, w, valid, cfg):
     """The PPO epilogue on per-token vectors: (w * loss_i, w * dloss_i/dlogp, stats (4, N))."""
-    log_ratio = logp - old
+    B = LOG_RATIO_CLAMP
+    r = logp - old
+    log_ratio = r.clamp(-B, B)
     ratio = log_ratio.exp()
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - cfg["clip_low"], 1.0 + cfg["clip_high"])
     clipped = pg2 > pg1
     pg = torch.where(clipped, pg2, pg1)
-    dloss = torch.where(clipped, 0.0, pg1)
+    dloss = torch.where(clipped | (r.abs() > B), 0.0, pg1)
     if cfg["dual_clip"] is not None:
         pg3 = -adv * cfg["dual_clip"]
         dual = (adv < 0) & (pg3 < pg)
@@ -211,14 +224,15 @@ def token_terms(logp, old, adv, ref, w, valid, cfg):
     kl = torch.zeros_like(logp)
     if ref is not None:
         d = ref - logp
+        c, outside = d.clamp(-B, B), d.abs() > B
         est, coef = cfg["kl_estimator"], cfg["kl_coef"]
         if est == "k1":
             kl, dkl = -d, torch.ones_like(d)
         elif est == "k2":
-            kl, dkl = 0.5 * d * d, -d
+            kl, dkl = 0.5 * c * c, torch.where(outside, 0.0, -c)
         else:
-            kl = k3(d)
-            dkl = -(d + kl)
+            kl = k3(c)
+            dkl = torch.where(outside, 0.0, -(c + kl))
         loss = loss + coef * kl
         dloss = dloss + coef * dkl
     zero = torch.zeros_like(logp)
@@ -286,42 +300,6 @@ def loss_weights(valid: torch.Tensor, loss_agg: str, dtype=torch.float32) -> tor
     return w.reshape(-1)
 
 
-def check_ppo_args(op, ref_tensor, lead, labels, old_logprobs, advantages, mask, ref_logprobs,
-                   clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, temperature, loss_agg,
-                   ref_name="logits"):
-    """Validates the per-token inputs and scalars shared by ppo_loss and linear_ppo_loss."""
-    kw = dict(ref_name=ref_name)
-    _checks.check_token_values(op, "old_logprobs", old_logprobs, lead, ref_tensor, **kw)
-    _checks.check_token_values(op, "advantages", advantages, lead, ref_tensor, **kw)
-    if mask is not None:
-        _checks.check_token_values(op, "mask", mask, lead, ref_tensor, allow_bool=True, **kw)
-    if ref_logprobs is not None:
-        _checks.check_token_values(op, "ref_logprobs", ref_logprobs, lead, ref_tensor, **kw)
-    clip_low = _checks.check_finite(op, "clip_eps", clip_eps)
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"{op}: clip_eps must be in [0, 1), got {clip_eps!r}")
-    clip_high = clip_low if clip_eps_high is None else _checks.check_finite(op, "clip_eps_high", clip_eps_high)
-    if clip_high < 0.0:
-        raise ValueError(f"{op}: clip_eps_high must be >= 0, got {clip_eps_high!r}")
-    if dual_clip is not None:
-        dual_clip = _checks.check_finite(op, "dual_clip", dual_clip)
-        if dual_clip <= 1.0:
-            raise ValueError(f"{op}: dual_clip must be > 1 (e.g. 3.0), got {dual_clip!r}")
-    kl_coef = _checks.check_finite(op, "kl_coef", kl_coef)
-    _checks.check_choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
-    _checks.check_choice(op, "loss_agg", loss_agg, LOSS_AGGS)
-    if loss_agg.startswith("seq-") and len(lead) < 2:
-        raise ValueError(
-            f"{op}: loss_agg={loss_agg!r} needs sequence structure: {ref_name} of shape (B, T, ...) "
-            f"with labels (B, T); got labels of shape {tuple(lead)}"
-        )
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logprobs")
-    inv_temp = 1.0 / _checks.check_positive(op, "temperature", temperature)
-    return dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                kl_estimator=kl_estimator), inv_temp
-
-
 def prepare_tokens(labels, old_logprobs, advantages, mask, ref_logprobs, loss_agg, ignore_index, dtype):
     """Flattened per-token inputs: labels with invalid tokens set to ignore_index, the
     float vectors in the compute dtype, the weights w and the valid mask."""
@@ -385,7 +363,8 @@ def ppo_loss_reference(logits, labels, old_logprobs, advantages, mask=None, *, r
         valid = valid & (mask != 0)
     old, adv = old_logprobs.to(dt), advantages.to(dt)
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old)
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
     pg = torch.maximum(pg1, pg2)
@@ -397,7 +376,8 @@ def ppo_loss_reference(logits, labels, old_logprobs, advantages, mask=None, *, r
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
         d = ref_logprobs.to(dt) - logp
-        kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d**2, "k3": lambda: k3(d)}[kl_estimator]()
+        c = torch.clamp(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = {"k1": lambda: -d, "k2": lambda: 0.5 * c**2, "k3": lambda: k3(c)}[kl_estimator]()
     per_token = torch.where(valid, pg + kl_coef * kl, 0.0)
     vf = valid.to(dt)
     if loss_agg == "token-mean":
@@ -414,6 +394,6 @@ def ppo_loss_reference(logits, labels, old_logprobs, advantages, mask=None, *, r
     n = vf.sum().clamp_min(1)
     with torch.no_grad():
         mean = lambda t: (torch.where(valid, t, 0.0).sum() / n).float()  # noqa: E731
-        r = logp - old
+        r = log_ratio
         stats = PPOLossStats(mean(clipped.to(dt)), mean(torch.expm1(r) - r), mean(kl), mean(ent))
     return loss, stats

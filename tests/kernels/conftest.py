@@ -1,13 +1,21 @@
 """Fixtures for the kernels tests. Triton runs in its CPU interpreter here, so this must
-set TRITON_INTERPRET before anything imports triton (kernels itself imports it lazily)."""
+set TRITON_INTERPRET before anything imports triton (kernels itself imports it lazily).
+
+MINIRLHF_REQUIRE_CUDA=1 (bench/gpu.sh) is the other mode: the interpreter stays off, so
+test_cuda_compiled.py compiles the kernels for the GPU for real (and errors out instead of
+skipping where it cannot). The CPU tests that force the Triton backend on CPU tensors need
+the interpreter, so that mode runs test_cuda_compiled.py only.
+"""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+REQUIRE_CUDA = os.environ.get("MINIRLHF_REQUIRE_CUDA", "0") == "1"
+if not REQUIRE_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
-import kernels.logprobs  # noqa: E402
+import kernels._rows  # noqa: E402
 from kernels._dispatch import force_backend  # noqa: E402
 
 
@@ -20,8 +28,8 @@ def pytest_configure(config):
 def small_blocks(monkeypatch):
     """Tiny Triton vocabulary blocks and torch row chunks, so that the small test shapes
     still span several blocks and chunks, the last one ragged."""
-    monkeypatch.setattr(kernels.logprobs, "MAX_BLOCK_V", 16)
-    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 128)
+    monkeypatch.setattr(kernels._rows, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(kernels._rows, "CHUNK_ELEMENTS", 128)
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -75,6 +75,27 @@ def test_linear_ppo_loss(backend, chunk, cfg):
     torch.testing.assert_close(wf.grad, wr.grad, atol=3e-5, rtol=1e-5)
 
 
+def test_linear_ppo_extreme_log_ratios(backend):
+    # log-ratios of +-100 and +-1e4 to the old and reference policies: finite, and equal to
+    # the reference, which clamps them at the same bound (kernels/ppo.py)
+    h, w, labels, old, adv, ref, mask = rand_linear((8,), 8, 37, ignore_frac=0.0)
+    with torch.no_grad():
+        lp = token_logprobs_reference(h @ w.t(), labels)
+    r = torch.tensor([100.0, -100.0, 1e4, -1e4, 0.1, 100.0, -1e4, 5.0])
+    old, ref = lp - r, lp + r.flip(0)
+    hr, wr = leaves(h, w)
+    hf, wf = leaves(h, w)
+    kw = dict(ref_logprobs=ref, kl_coef=0.3, kl_estimator="k3")
+    l0, _ = ppo_loss_reference(hr @ wr.t(), labels, old, adv, mask, **kw)
+    l1, _ = linear_ppo_loss(hf, wf, labels, old, adv, mask, chunk_size=3, **kw)
+    l0.backward()
+    l1.backward()
+    assert torch.isfinite(l1) and torch.isfinite(hf.grad).all() and torch.isfinite(wf.grad).all()
+    torch.testing.assert_close(l1, l0.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf.grad, hr.grad, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(wf.grad, wr.grad, atol=3e-5, rtol=1e-5)
+
+
 def test_linear_ppo_partial_grads_and_no_grad():
     h, w, labels, old, adv, ref, mask = rand_linear((10,), 6, 21)
     frozen_w = w.clone()
@@ -135,9 +156,13 @@ def test_linear_float64_torch_path():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(16384, 128256, 4096) == 512  # a chunk of logits ~ the size of hidden
+    # the chunk of logits may take the bytes of the weight's gradient (V x H)...
+    for N, V, H, size in ((16384, 128256, 4096, 2), (4096, 32000, 256, 4), (4096, 32000, 1024, 4)):
+        rows = default_chunk_size(N, V, H, size)
+        assert rows * V * size <= V * H * size < (rows + 1) * V * size
+    # ...or 16 MiB where that is more, and never more than N rows
+    assert default_chunk_size(4096, 32000, 64, 4) == (16 << 20) // (32000 * 4) == 131
     assert default_chunk_size(10, 1000, 8) == 10
-    assert default_chunk_size(4096, 32000, 128) == 32
 
 
 # --------------------------------------------------------------------------- memory
@@ -175,6 +200,25 @@ def test_linear_peak_memory_is_per_chunk():
         assert peak < full_logits / 2
 
 
+def test_default_chunk_peak_memory_is_within_the_budget(monkeypatch):
+    # with the 16 MiB floor off, the default chunk is H rows: one reused chunk buffer the
+    # size of dW, plus dW and dh themselves and per-token vectors (a fresh buffer per chunk
+    # would hold two chunks at once and exceed this by V * H * 4 bytes)
+    monkeypatch.setattr(kernels.linear, "MIN_CHUNK_BYTES", 0)
+    N, H, V = 600, 16, 3000
+    h, w, labels, old, adv, ref, mask = rand_linear((N,), H, V)
+    assert default_chunk_size(N, V, H, 4) == H
+
+    def run():
+        a, b = leaves(h, w)
+        linear_ppo_loss(a, b, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)[0].backward()
+
+    leaves_ = (N + V) * H * 4  # the clones run() makes of h and w
+    budget = 2 * V * H * 4 + N * H * 4
+    small = 8 * kernels._rows.CHUNK_ELEMENTS * 4 + 64 * N * 4
+    assert peak_extra_bytes(run) < leaves_ + budget + small
+
+
 def test_token_path_peak_memory_is_the_gradient_plus_chunks():
     g = torch.Generator().manual_seed(0)
     N, V = 256, 3000
@@ -188,4 +232,4 @@ def test_token_path_peak_memory_is_the_gradient_plus_chunks():
     clone_and_grad = 2 * N * V * 4
     with kernels._dispatch.force_backend("torch"):
         peak = peak_extra_bytes(run)
-    assert peak < clone_and_grad + 8 * kernels.logprobs.CHUNK_ELEMENTS * 4 + 64 * N * 4, peak
+    assert peak < clone_and_grad + 8 * kernels._rows.CHUNK_ELEMENTS * 4 + 64 * N * 4, peak

@@ -8,16 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.logprobs import (
-    TokenLogprobsFunction,
-    as_rows,
-    token_logprobs,
-    token_logprobs_reference,
-    torch_backward,
-    torch_forward,
-    triton_backward,
-    triton_forward,
-)
+from kernels._rows import as_rows, torch_backward, torch_forward, triton_backward, triton_forward
+from kernels.logprobs import TokenLogprobsFunction, token_logprobs, token_logprobs_reference
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 import kernels
-from kernels.ppo import PPOLossStats, _ppo_fwd_kernel, k3, loss_weights, ppo_loss, ppo_loss_reference
+from kernels.ppo import (
+    LOG_RATIO_CLAMP,
+    PPOLossStats,
+    _ppo_fwd_kernel,
+    k3,
+    loss_weights,
+    ppo_loss,
+    ppo_loss_reference,
+)
 
 LN2 = math.log(2.0)
 
@@ -88,6 +96,60 @@ def test_reference_gradcheck():
         f = lambda t: ppo_loss_reference(t, labels, old, adv, None, ref_logprobs=ref, kl_coef=0.3,  # noqa: E731
                                          kl_estimator=est, temperature=0.9, loss_agg="seq-mean-token-mean")[0]
         assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_reference_clamps_log_ratios_at_the_documented_bound():
+    # V = 2 with equal logits: logp = -ln 2 for every token; ref - logp = 19, 20 + 1e-9... as set
+    logits = torch.zeros(4, 2, dtype=torch.float64)
+    labels = torch.zeros(4, dtype=torch.long)
+    logp = -LN2
+    d = torch.tensor([19.0, 100.0, -100.0, 1e4], dtype=torch.float64)
+    old = torch.full((4,), logp, dtype=torch.float64)  # ratio 1: the policy term is -A = 0
+    adv = torch.zeros(4, dtype=torch.float64)
+    assert LOG_RATIO_CLAMP == 20.0
+    kl = [math.exp(19) - 1 - 19, math.exp(20) - 1 - 20, math.exp(-20) - 1 + 20, math.exp(20) - 1 - 20]
+    dkl_dlogp = [-(math.exp(19) - 1), 0.0, 0.0, 0.0]  # exact inside the bound, zero beyond
+    x = logits.clone().requires_grad_()
+    loss, stats = ppo_loss_reference(x, labels, old, adv, ref_logprobs=logp + d, kl_coef=1.0, loss_agg="sum")
+    assert loss.item() == pytest.approx(sum(kl), rel=1e-12)
+    loss.backward()
+    # dlogits = dloss/dlogp * (onehot(y) - p), p = (1/2, 1/2)
+    expected = torch.tensor([[g / 2, -g / 2] for g in dkl_dlogp], dtype=torch.float64)
+    torch.testing.assert_close(x.grad, expected)
+    # the ratio too: a log-ratio of +-100 to the old policy is clamped to +-20, no gradient
+    x = logits.clone().requires_grad_()
+    adv = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    r = torch.tensor([19.0, 100.0, -100.0, -1e4], dtype=torch.float64)
+    loss, stats = ppo_loss_reference(x, labels, logp - r, adv, loss_agg="sum")
+    # A < 0, ratio > 1 + eps: the unclipped -A * ratio is the max; A > 0, ratio ~ 0: -A * ratio
+    assert loss.item() == pytest.approx(math.exp(19) + math.exp(20) - 2 * math.exp(-20), rel=1e-12)
+    assert stats.approx_kl.item() == pytest.approx(
+        (math.exp(19) - 20 + math.exp(20) - 21 + 2 * (math.exp(-20) + 19)) / 4, rel=1e-6)  # float32 stats
+    loss.backward()
+    torch.testing.assert_close(x.grad[0], torch.tensor([math.exp(19) / 2, -math.exp(19) / 2], dtype=torch.float64))
+    assert torch.all(x.grad[1:] == 0)
+
+
+EXTREMES = (100.0, -100.0, 1e4, -1e4)
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_extreme_log_ratios_stay_finite(backend, kl_estimator):
+    # every token's log-ratio to the old and to the reference policy is one of +-100,
+    # +-1e4 or an ordinary value: before the clamp, k3 and the ratio overflowed to inf
+    x, labels, old, adv, ref, mask = rand_ppo((4, 6), 29, ignore_frac=0.1)
+    with torch.no_grad():
+        lp = torch.log_softmax(x.double(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    g = torch.Generator().manual_seed(3)
+    pick = torch.tensor(EXTREMES + (0.3, -0.2, 15.0, -19.5), dtype=torch.float64)
+    r = pick[torch.randint(0, len(pick), (4, 6), generator=g)]
+    d = pick[torch.randint(0, len(pick), (4, 6), generator=g)]
+    old, ref = (lp - r).float(), (lp + d).float()
+    for kw in (dict(), dict(dual_clip=3.0, loss_agg="seq-mean-token-mean")):
+        loss, stats, grad = compare(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.5,
+                                    kl_estimator=kl_estimator, **kw)
+        assert torch.isfinite(loss) and all(torch.isfinite(s) for s in stats)
+        assert torch.isfinite(grad).all()
 
 
 def test_k3_is_accurate_for_small_d():
