@@ -152,12 +152,20 @@ def default_results_dir() -> Path:
     return here if here.is_dir() else Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="minirlhf bench-report", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=None, help="folder of <device>.json files (default bench/results)")
     p.add_argument("--device", default=None, help="only this device's file (its slug, e.g. cpu-amd-epyc)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here instead of stdout")
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="minirlhf bench-report", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> int:
+    """`python -m minirlhf bench-report`: the tables; exit 2 with one line when there is nothing to report."""
     results = args.results or default_results_dir()
     try:
         if not results.is_dir():

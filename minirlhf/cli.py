@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": "sample responses from any checkpoint",
     "data": "`data export DIR`: write the embedded task as JSONL files",
     "label": "rank responses or compare two checkpoints in the browser; inter-annotator agreement",
+    "bench-report": "turn bench/results/<device>.json (pytest bench/ --benchmark-json ...) into markdown tables",
     "experiment": "experiments that answer the recipe's questions: sft-ablation, kl-sweep, ptx, iterate, best-of-n",
 }
 
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "label":
             from .label.cli import add_arguments
             add_arguments(sp)
+        if name == "bench-report":
+            from .bench_report import add_arguments
+            add_arguments(sp)
         if name == "experiment":
             from .experiments.cli import add_arguments
             add_arguments(sp)
@@ -255,6 +259,9 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "bench-report":
+            from .bench_report import run
+            return run(args)
         if args.command == "label":
             from .label.cli import main as label_main
             return label_main(args)

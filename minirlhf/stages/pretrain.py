@@ -8,6 +8,7 @@ token budget before any model trains.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -43,7 +44,12 @@ def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpu
 
     def init():
         torch.manual_seed(cfg.seed)
-        return {"model": Transformer(cfg.model).to(device)}
+        # the model's vocabulary is the tokenizer's: a small corpus may give fewer pieces than model.vocab_size,
+        # and a model with more outputs than the tokenizer has ids would sample ids nothing can decode
+        if tokenizer.vocab_size != cfg.model.vocab_size:
+            print(f"[pretrain] note: the tokenizer has {tokenizer.vocab_size} pieces (model.vocab_size="
+                  f"{cfg.model.vocab_size}); the model's vocabulary follows the tokenizer")
+        return {"model": Transformer(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)).to(device)}
 
     data_rng = torch.Generator().manual_seed(cfg.seed)  # the windows' offsets
     run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer, init=init,
