@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "score checkpoints on the held-out prompts: gold, RM, KL to a reference",
     "generate": "sample responses from any checkpoint",
     "data": "`data export DIR`: write the embedded task as JSONL files",
+    "export": "write a checkpoint as a Hugging Face directory (transformers loads it)",
 }
 
 
@@ -86,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ref", default=None, help="reference checkpoint for KL (default: the first --ckpt)")
             sp.add_argument("--rm-ckpt", default=None, help="reward model checkpoint to score with (optional)")
         if name == "generate":
-            sp.add_argument("--ckpt", required=True, help="checkpoint directory of any stage")
+            sp.add_argument("--ckpt", help="checkpoint directory of any stage")
+            sp.add_argument("--init-from", help="or a pretrained model: Hugging Face directory or .gguf file")
+            sp.add_argument("--max-seq-len", type=int, default=None,
+                            help="with --init-from: longest prompt + response (default: the model's context)")
             sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
             sp.add_argument("--n", type=int, default=1, help="samples per prompt")
             sp.add_argument("--max-new-tokens", type=int, default=48)
@@ -100,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("dir", help="output directory")
             sp.add_argument("--preset", default="quick", choices=sorted(C.PRESETS))
             sp.add_argument("--seed", type=int, default=None, help="task seed (default: the preset's)")
+        if name == "export":
+            from .interop.export import add_arguments
+
+            add_arguments(sp)
     return p
 
 
@@ -125,12 +133,18 @@ def cmd_generate(args) -> int:
 
     from . import checkpoint
     from .generate import generate
-    from .tokenizer import BOS_ID
+    if (args.ckpt is None) == (args.init_from is None):
+        raise ValueError("generate: give exactly one of --ckpt DIR and --init-from PATH")
+    if args.init_from:
+        from .interop import load_pretrained
 
-    tokenizer = checkpoint.load_tokenizer(args.ckpt)
-    model = checkpoint.load_model_from(args.ckpt).eval()
+        model, tokenizer = load_pretrained(args.init_from, args.max_seq_len)
+    else:
+        tokenizer = checkpoint.load_tokenizer(args.ckpt)
+        model = checkpoint.load_model_from(args.ckpt).eval()
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    ids = [[BOS_ID] + tokenizer.encode(p) if args.raw else tokenizer.prompt_ids(p) for p in prompts]
+    ids = [bos + tokenizer.encode(p) if args.raw else tokenizer.prompt_ids(p) for p in prompts]
     gen = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(args.seed))
@@ -176,6 +190,10 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "export":
+            from .interop.export import main as cmd_export
+
+            return cmd_export(args)
         return cmd_stages(args)
     except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
         print(f"error: {e}", file=sys.stderr)
