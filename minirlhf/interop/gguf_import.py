@@ -113,17 +113,26 @@ _GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
 def _hf_tensor_name(name: str) -> str | None:
-    if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if name == "output_norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
     return None
+
+
+def _gguf_tensor_name(hf: str) -> str:
+    """Inverse of _hf_tensor_name, for messages."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == hf:
+            return g
+    _, _, i, *module, kind = hf.split(".")
+    return f"blk.{i}.{next(g for g, h in _GGUF_NAMES.items() if h == '.'.join(module))}.{kind}"
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -211,5 +220,5 @@ def load_gguf(path, max_seq_len: int | None = None, device="cpu"):
             w = unpermute_qk(w, cfg.n_heads if "attn_q" in t.name else cfg.n_kv_heads)
         tensors[hn] = w
     model = Transformer(cfg)
-    load_state(model, tensors, where=str(path))
+    load_state(model, tensors, where=str(path), shown=_gguf_tensor_name)
     return model.to(device).eval(), tokenizer

@@ -150,9 +150,10 @@ def _weight_files(d: Path) -> list[Path]:
     raise ValueError(f"{d}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def load_state(model: Transformer, tensors: dict[str, torch.Tensor], where: str) -> None:
+def load_state(model: Transformer, tensors: dict[str, torch.Tensor], where: str, shown=lambda name: name) -> None:
     """Copy HF-named tensors into the model; every parameter but the scalar head must be there
-    with its shape. The tied LM head is the embedding. Raises ValueError naming the tensor."""
+    with its shape. The tied LM head is the embedding. Raises ValueError naming the tensor
+    (as `shown(hf_name)` calls it in the file)."""
     expected = {}
     for name, p in model.named_parameters(remove_duplicate=True):
         hn = hf_name(name)
@@ -160,18 +161,18 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor], where: str)
             expected[hn] = p
     missing = [n for n in expected if n not in tensors]
     if missing:
-        raise ValueError(f"{where}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
-                                                                        if len(missing) > 1 else ""))
+        raise ValueError(f"{where}: tensor {shown(missing[0])} is missing"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [n for n in tensors if n not in expected and not n.endswith("rotary_emb.inv_freq")
              and not (n == "lm_head.weight" and model.cfg.tie_embeddings)]
     if extra:
-        raise ValueError(f"{where}: tensor {extra[0]} is not part of a {model.cfg.qkv_bias and 'Qwen2' or 'Llama'} "
+        raise ValueError(f"{where}: tensor {shown(extra[0])} is not part of a {model.cfg.qkv_bias and 'Qwen2' or 'Llama'} "
                          "model we can represent")
     with torch.no_grad():
         for hn, p in expected.items():
             t = tensors[hn]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{where}: tensor {hn} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                raise ValueError(f"{where}: tensor {shown(hn)} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t.to(p.dtype))
         model.scalar_head.weight.zero_()
         model.scalar_head.bias.zero_()
