@@ -48,11 +48,21 @@ class _Meta:
         self.reader, self.where = reader, where
 
     def get(self, key, default=None):
+        """The value of a metadata key: str, number, bool or a list of them (the reader's raw
+        parts decoded here, as every gguf version lays them out)."""
+        import gguf
+
         f = self.reader.fields.get(key)
         if f is None:
             return default
-        v = f.contents()
-        return v.tolist() if isinstance(v, np.ndarray) else v
+        string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+        if f.types[0] == array:
+            if f.types[-1] == string:
+                return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+            return [v for i in f.data for v in f.parts[i].tolist()]
+        if f.types[0] == string:
+            return bytes(f.parts[f.data[0]]).decode("utf-8")
+        return f.parts[f.data[0]].tolist()[0]
 
     def need(self, key):
         v = self.get(key)
