@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The C++ rollout buffer's tests (tests/rollout) against minirlhf._rollout built
-# under AddressSanitizer + UndefinedBehaviorSanitizer, with leak detection.
+# under AddressSanitizer + UndefinedBehaviorSanitizer, with leak detection.  The
+# tests compare it with the torch definitions in minirlhf/stages/ppo.py, so the
+# package (and kernels/, which ppo.py imports) is copied along; the slow test
+# (two torch.distributed processes) is left to the normal run.
 #
 #   PY=/path/to/venv/bin/python .ci/sanitize.sh      (as .ci/run calls it)
 #   .ci/sanitize.sh /path/to/venv/bin/python
@@ -25,7 +28,7 @@ src="$work/src"
 
 # -- a copy of what the build and the tests need ------------------------------------------
 mkdir -p "$src/tests"
-cp -r setup.py pyproject.toml csrc minirlhf "$src/"
+cp -r setup.py pyproject.toml csrc minirlhf kernels "$src/"
 [ -f README.md ] && cp README.md "$src/"
 cp -r tests/rollout "$src/tests/"
 find "$src" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
@@ -93,7 +96,7 @@ echo "sanitize: canary leak reported as it should be"
 export MINIRLHF_HYPOTHESIS_EXAMPLES="${MINIRLHF_HYPOTHESIS_EXAMPLES:-15}"  # ASan is ~10x slower
 export MINIRLHF_EXPECT_ROLLOUT_IN="$src"  # a test checks this build is the one imported
 set +e
-(cd "$src" && run_sanitized tests "$PY" -m pytest -q -p no:cacheprovider tests/rollout)
+(cd "$src" && run_sanitized tests "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/rollout)
 rc=$?
 set -e
 if [ -n "$(reports tests)" ]; then

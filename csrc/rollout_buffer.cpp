@@ -1,6 +1,7 @@
-// See rollout_buffer.h for the conventions.  Each operation is a loop over
-// sequences (rows); a row is validated just before it is computed, while it
-// is hot in cache, and the first bad row stops the work and is reported.
+// See rollout_buffer.h for the conventions.  Each operation checks its
+// arguments' dtype, shape and layout, its lengths and scalars, then loops over
+// sequences (rows), checking a row's numbers just before it is computed, while
+// it is hot in cache; the first bad row stops the work and is reported.
 #include "rollout_buffer.h"
 
 #include <algorithm>
@@ -9,11 +10,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <limits>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #ifdef __linux__
@@ -33,6 +34,14 @@ std::string str(const Parts&... parts) {
 }
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::ostringstream out;
+    out << "(";
+    for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+    out << (shape.size() == 1 ? ",)" : ")");
+    return out.str();
+}
 
 // ---------------------------------------------------------------- threads
 
@@ -65,8 +74,7 @@ struct RowError {
 // thread, the calling thread taking the first.  body returns the first failing
 // row of its chunk (and stops there); the failure with the lowest row, which is
 // the first in row order, is thrown once every thread has joined.
-void parallel_rows(int64_t n, int64_t elements,
-                   const std::function<RowError(int64_t, int64_t)>& body) {
+void parallel_rows(int64_t n, int64_t elements, const std::function<RowError(int64_t, int64_t)>& body) {
     int64_t threads = std::min<int64_t>(num_threads(), n);
     threads = std::min<int64_t>(threads, std::max<int64_t>(1, elements / kMinElementsPerThread));
     std::vector<RowError> errors(static_cast<size_t>(std::max<int64_t>(threads, 1)));
@@ -94,7 +102,76 @@ void parallel_rows(int64_t n, int64_t elements,
         if (e) fail(e.message);
 }
 
-// ---------------------------------------------------------------- checks
+// ---------------------------------------------------------------- arguments
+
+const char* dtype_name(DType d) {
+    switch (d) {
+        case DType::float32: return "float32";
+        case DType::int64: return "int64";
+        case DType::boolean: return "bool";
+        default: return "another dtype";
+    }
+}
+
+// a's data, after checking it is an array of `dtype` and `shape` (-1: any extent)
+// in the standard layout.
+const void* checked(const Array& a, const char* name, DType dtype, const std::vector<int64_t>& shape) {
+    if (!a.is_array)
+        fail(str(name, " must be an array of ", dtype_name(dtype), " (a CPU torch tensor or numpy array), got ", a.what));
+    if (a.dtype != dtype)
+        fail(str(name, " must have dtype ", dtype_name(dtype), ", got ", a.dtype == DType::other ? a.what : dtype_name(a.dtype)));
+    if (a.shape.size() != shape.size())
+        fail(str(name, " must have ", shape.size(), shape.size() == 1 ? " dimension" : " dimensions", ", got shape ",
+                 shape_str(a.shape)));
+    for (size_t i = 0; i < shape.size(); ++i)
+        if (shape[i] >= 0 && a.shape[i] != shape[i])
+            fail(str(name, " has shape ", shape_str(a.shape), ", expected ", shape_str(shape)));
+    if (!a.standard_layout) fail(str(name, " must be C-contiguous, aligned and in native byte order"));
+    return a.data;
+}
+
+const float* floats(const Array& a, const char* name, const std::vector<int64_t>& shape) {
+    return static_cast<const float*>(checked(a, name, DType::float32, shape));
+}
+
+// The shape every (B, T) array of one call shares.
+struct Batch {
+    int64_t size = 0;                  // B, number of sequences
+    int64_t max_len = 0;               // T, padded width of every (B, T) array
+    const int64_t* lengths = nullptr;  // (B,) response lengths, 1 <= lengths[b] <= T
+    std::vector<int64_t> shape() const { return {size, max_len}; }
+};
+
+// B from lengths, T from `first` (a (B, T) float32 array); every length checked.
+Batch batch_of(const Array& first, const char* name, const Array& lengths) {
+    Batch batch;
+    batch.lengths = static_cast<const int64_t*>(checked(lengths, "lengths", DType::int64, {-1}));
+    floats(first, name, {-1, -1});
+    batch.size = lengths.shape[0];
+    batch.max_len = first.shape[1];
+    if (batch.size < 1) fail(str("empty batch: B=", batch.size, " sequences"));
+    if (batch.max_len < 1) fail(str("empty batch: T=", batch.max_len, " tokens per row"));
+    floats(first, name, batch.shape());
+    for (int64_t b = 0; b < batch.size; ++b) {
+        const int64_t len = batch.lengths[b];
+        if (len < 1) fail(str("lengths[", b, "]=", len, " must be >= 1"));
+        if (len > batch.max_len) fail(str("lengths[", b, "]=", len, " exceeds T=", batch.max_len));
+    }
+    return batch;
+}
+
+void check_unit_interval(const char* name, double x) {
+    if (!(x >= 0.0 && x <= 1.0)) fail(str(name, "=", x, " is outside [0, 1]"));
+}
+
+template <typename T>
+Owned<T> owned(std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return {std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]), std::move(shape)};  // uninitialised
+}
+
+// ---------------------------------------------------------------- rows
 
 bool all_finite(const float* x, int64_t n) {
     // On the bits, so that it vectorises: an all-ones exponent (inf, NaN)
@@ -111,49 +188,39 @@ bool all_finite(const float* x, int64_t n) {
 
 RowError first_non_finite(const char* name, const float* row, int64_t b, int64_t len) {
     for (int64_t t = 0; t < len; ++t)
-        if (!std::isfinite(row[t]))
-            return {b, str(name, "[", b, ", ", t, "]=", row[t], " is not finite")};
+        if (!std::isfinite(row[t])) return {b, str(name, "[", b, ", ", t, "]=", row[t], " is not finite")};
     return {};
-}
-
-void check_unit_interval(const char* name, double x) {
-    if (!(x >= 0.0 && x <= 1.0)) fail(str(name, "=", x, " is outside [0, 1]"));
 }
 
 void zero_tail(float* row, int64_t len, int64_t max_len) {
     std::memset(row + len, 0, static_cast<size_t>(max_len - len) * sizeof(float));
 }
 
-// Mean and sum of squared deviations of one row: two passes over a row that
-// is in cache, each with eight accumulators so the adds do not wait on one
-// another (a fixed order, so the result is the same on every run).
-struct RowMoments {
-    int64_t count;
-    double mean;
-    double m2;
-};
-
-RowMoments row_moments(const float* x, int64_t len) {
+// sum(d) and (when Squares) sum(d^2) of d = x - shift over one row, in double,
+// with eight accumulators each so the adds do not wait on one another (a fixed
+// order, so the result is the same on every run).
+template <bool Squares>
+std::pair<double, double> row_sums(const float* x, int64_t len, double shift) {
     constexpr int kLanes = 8;
-    double acc[kLanes] = {};
+    double s[kLanes] = {}, q[kLanes] = {};
     int64_t t = 0;
     for (; t + kLanes <= len; t += kLanes)
-        for (int k = 0; k < kLanes; ++k) acc[k] += x[t + k];
-    double sum = 0.0;
-    for (; t < len; ++t) sum += x[t];
-    for (double a : acc) sum += a;
-    const double mean = sum / static_cast<double>(len);
-
-    double sq[kLanes] = {};
-    for (t = 0; t + kLanes <= len; t += kLanes)
         for (int k = 0; k < kLanes; ++k) {
-            const double d = x[t + k] - mean;
-            sq[k] += d * d;
+            const double d = x[t + k] - shift;
+            s[k] += d;
+            if constexpr (Squares) q[k] += d * d;
         }
-    double m2 = 0.0;
-    for (; t < len; ++t) m2 += (x[t] - mean) * (x[t] - mean);
-    for (double a : sq) m2 += a;
-    return {len, mean, m2};
+    double sum = 0.0, squares = 0.0;
+    for (; t < len; ++t) {
+        const double d = x[t] - shift;
+        sum += d;
+        if constexpr (Squares) squares += d * d;
+    }
+    for (int k = 0; k < kLanes; ++k) {
+        sum += s[k];
+        squares += q[k];
+    }
+    return {sum, squares};
 }
 
 }  // namespace
@@ -174,59 +241,53 @@ int num_threads() {
     return n;
 }
 
-// ---------------------------------------------------------------- batch
-
-void check_batch(const Batch& batch) {
-    if (batch.size < 1) fail(str("empty batch: B=", batch.size, " sequences"));
-    if (batch.max_len < 1) fail(str("empty batch: T=", batch.max_len, " tokens per row"));
-    for (int64_t b = 0; b < batch.size; ++b) {
-        const int64_t len = batch.lengths[b];
-        if (len < 1) fail(str("lengths[", b, "]=", len, " must be >= 1"));
-        if (len > batch.max_len) fail(str("lengths[", b, "]=", len, " exceeds T=", batch.max_len));
-    }
-}
-
 // ---------------------------------------------------------------- rewards
 
-void assemble_rewards(const Batch& batch, const float* old_logprobs, const float* ref_logprobs,
-                      const float* scores, const uint8_t* hit_max, const RewardParams& params,
-                      float* rewards) {
-    check_batch(batch);
-    if (!(params.kl_coef >= 0.0 && std::isfinite(params.kl_coef)))
-        fail(str("kl_coef=", params.kl_coef, " must be finite and >= 0"));
-    if (!(params.no_eos_penalty <= 0.0 && std::isfinite(params.no_eos_penalty)))
-        fail(str("no_eos_penalty=", params.no_eos_penalty,
-                 " must be finite and <= 0 (it is added to the score)"));
-    if (!(params.reward_clip >= 0.0 && std::isfinite(params.reward_clip)))
-        fail(str("reward_clip=", params.reward_clip, " must be finite and > 0 (0 turns it off)"));
+Owned<float> per_token_rewards(const Array& logprobs, const Array& ref_logprobs, const Array& scores,
+                               const Array& lengths, double kl_coef, const Array* truncated,
+                               double truncation_penalty, std::optional<double> reward_clip) {
+    const Batch batch = batch_of(logprobs, "logprobs", lengths);
+    const float* lp = floats(logprobs, "logprobs", batch.shape());
+    const float* ref = floats(ref_logprobs, "ref_logprobs", batch.shape());
+    const float* sc = floats(scores, "scores", {batch.size});
+    const auto* cut = truncated == nullptr
+                          ? nullptr
+                          : static_cast<const uint8_t*>(checked(*truncated, "truncated", DType::boolean, {batch.size}));
+    if (!(kl_coef >= 0.0 && std::isfinite(kl_coef))) fail(str("kl_coef=", kl_coef, " must be finite and >= 0"));
+    if (!std::isfinite(truncation_penalty)) fail(str("truncation_penalty=", truncation_penalty, " must be finite"));
+    if (reward_clip && !(*reward_clip > 0.0 && std::isfinite(*reward_clip)))
+        fail(str("reward_clip=", *reward_clip, " must be finite and > 0 (None turns clipping off)"));
 
     const int64_t T = batch.max_len;
-    const float neg_kl_coef = static_cast<float>(-params.kl_coef);
-    const float clip = static_cast<float>(params.reward_clip);
-    const float penalty = static_cast<float>(params.no_eos_penalty);
-
+    const float neg_kl_coef = static_cast<float>(-kl_coef);
+    const float penalty = static_cast<float>(truncation_penalty);
+    Owned<float> rewards = owned<float>(batch.shape());
+    float* const out = rewards.data.get();
     parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
         for (int64_t b = begin; b < end; ++b) {
             const int64_t len = batch.lengths[b];
-            const float* old_row = old_logprobs + b * T;
-            const float* ref_row = ref_logprobs + b * T;
-            if (!all_finite(old_row, len)) return first_non_finite("old_logprobs", old_row, b, len);
+            const float* lp_row = lp + b * T;
+            const float* ref_row = ref + b * T;
+            if (!all_finite(lp_row, len)) return first_non_finite("logprobs", lp_row, b, len);
             if (!all_finite(ref_row, len)) return first_non_finite("ref_logprobs", ref_row, b, len);
-            if (!std::isfinite(scores[b]))
-                return {b, str("scores[", b, "]=", scores[b], " is not finite")};
+            if (!std::isfinite(sc[b])) return {b, str("scores[", b, "]=", sc[b], " is not finite")};
 
-            float* out = rewards + b * T;
-            for (int64_t t = 0; t < len; ++t) out[t] = neg_kl_coef * (old_row[t] - ref_row[t]);
-            float score = scores[b];
-            if (clip > 0.0f) score = std::min(std::max(score, -clip), clip);
-            if (hit_max != nullptr && hit_max[b]) score = score + penalty;
-            out[len - 1] = out[len - 1] + score;
-            zero_tail(out, len, T);
-            if (!all_finite(out, len))
-                return {b, str("rewards overflow float32 in row ", b, " (kl_coef * |old - ref| too large)")};
+            float* row = out + b * T;
+            for (int64_t t = 0; t < len; ++t) row[t] = neg_kl_coef * (lp_row[t] - ref_row[t]);  // -beta * KL_t
+            float score = sc[b];
+            if (reward_clip) {
+                const auto clip = static_cast<float>(*reward_clip);
+                score = std::min(std::max(score, -clip), clip);
+            }
+            if (cut != nullptr) score = score + penalty * (cut[b] ? 1.0f : 0.0f);
+            row[len - 1] = row[len - 1] + score;  // the sequence-level reward on the last token
+            zero_tail(row, len, T);
+            if (!all_finite(row, len))
+                return {b, str("rewards overflow float32 in row ", b, " (kl_coef * |logprobs - ref_logprobs| too large)")};
         }
         return {};
     });
+    return rewards;
 }
 
 // ---------------------------------------------------------------- GAE
@@ -234,10 +295,8 @@ void assemble_rewards(const Batch& batch, const float* old_logprobs, const float
 namespace {
 
 // Backwards through one sequence, from token `t` down to 0, carrying
-// V_{t+1} (next_value) and A_{t+1} (last_gae).  v[t] is read before adv[t]
-// and ret[t] are written, and V_{t+1} is carried rather than re-read, so the
-// outputs may alias the inputs.  The float operations are those of the usual
-// torch loop, in its order.
+// V_{t+1} (next_value) and A_{t+1} (last_gae).  The float operations are
+// those of the torch loop (minirlhf/stages/ppo.py), in its order.
 struct GaeRow {
     int64_t offset;  // of the row's token 0 in every (B, T) array
     int64_t t;       // next token to compute; -1 when done
@@ -295,121 +354,147 @@ constexpr int kGaeLanes = 2;  // more would map to one L1 set when T is a power 
 
 }  // namespace
 
-void gae(const Batch& batch, const float* rewards, const float* values, double gamma, double lam,
-         float* advantages, float* returns) {
-    check_batch(batch);
+std::pair<Owned<float>, Owned<float>> gae(const Array& rewards, const Array& values, const Array& lengths,
+                                          double gamma, double lam) {
+    const Batch batch = batch_of(rewards, "rewards", lengths);
+    const float* r = floats(rewards, "rewards", batch.shape());
+    const float* v = floats(values, "values", batch.shape());
     check_unit_interval("gamma", gamma);
     check_unit_interval("lam", lam);
 
     const int64_t T = batch.max_len;
-    const int64_t* lengths = batch.lengths;
+    const int64_t* len = batch.lengths;
     // Rounded as torch rounds `gamma * x` and `gamma * lam * x` for a float32 x.
     const float g = static_cast<float>(gamma);
     const float gl = static_cast<float>(gamma * lam);
-
-    auto check_row = [&](int64_t b) -> RowError {
-        const float* r = rewards + b * T;
-        const float* v = values + b * T;
-        if (!all_finite(r, lengths[b])) return first_non_finite("rewards", r, b, lengths[b]);
-        if (!all_finite(v, lengths[b])) return first_non_finite("values", v, b, lengths[b]);
-        return {};
-    };
-    // A NaN or inf among a row's rewards or values makes its returns
-    // non-finite too, so checking the returns (hot in cache) checks the
-    // inputs.  When an output overwrites an input, though, the input must be
-    // checked before it is gone.
-    const bool in_place = advantages == rewards || advantages == values || returns == rewards ||
-                          returns == values;
+    Owned<float> advantages = owned<float>(batch.shape()), returns = owned<float>(batch.shape());
+    float* const adv = advantages.data.get();
+    float* const ret = returns.data.get();
 
     parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
-        // The first bad row of the chunk in row order, whatever the work order.
+        // A NaN or inf among a row's rewards or values makes its returns non-finite
+        // too, so checking the returns (hot in cache) checks the inputs; on failure,
+        // the first bad row of the chunk in row order, whatever the work order.
         auto first_bad = [&](int64_t overflow_row) -> RowError {
-            for (int64_t b = begin; b < end; ++b)
-                if (RowError e = check_row(b)) return e;
+            for (int64_t b = begin; b < end; ++b) {
+                if (!all_finite(r + b * T, len[b])) return first_non_finite("rewards", r + b * T, b, len[b]);
+                if (!all_finite(v + b * T, len[b])) return first_non_finite("values", v + b * T, b, len[b]);
+            }
             return {overflow_row, str("advantages or returns overflow float32 in row ", overflow_row)};
         };
         // Longest first, in groups of kGaeLanes of similar length: a group runs
         // interleaved for as long as its shortest member, the rest one by one.
         std::vector<int64_t> order(static_cast<size_t>(end - begin));
         std::iota(order.begin(), order.end(), begin);
-        std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-            return lengths[a] != lengths[b] ? lengths[a] > lengths[b] : a < b;
-        });
+        std::sort(order.begin(), order.end(),
+                  [&](int64_t a, int64_t b) { return len[a] != len[b] ? len[a] > len[b] : a < b; });
         for (size_t first = 0; first < order.size(); first += kGaeLanes) {
             const size_t n = std::min(order.size() - first, static_cast<size_t>(kGaeLanes));
             GaeRow rows[kGaeLanes];
+            for (size_t k = 0; k < n; ++k) rows[k] = GaeRow{order[first + k] * T, len[order[first + k]] - 1};
+            if (n == kGaeLanes) gae_interleaved<kGaeLanes>(rows, len[order[first + n - 1]], r, v, adv, ret, g, gl);
             for (size_t k = 0; k < n; ++k) {
                 const int64_t b = order[first + k];
-                if (in_place && check_row(b)) return first_bad(b);
-                rows[k] = GaeRow{b * T, lengths[b] - 1};
-            }
-            if (n == kGaeLanes)
-                gae_interleaved<kGaeLanes>(rows, lengths[order[first + n - 1]], rewards, values, advantages,
-                                           returns, g, gl);
-            for (size_t k = 0; k < n; ++k) {
-                const int64_t b = order[first + k];
-                gae_finish(rows[k], rewards, values, advantages, returns, g, gl);
-                if (!all_finite(returns + b * T, lengths[b])) return first_bad(b);
-                zero_tail(advantages + b * T, lengths[b], T);
-                zero_tail(returns + b * T, lengths[b], T);
+                gae_finish(rows[k], r, v, adv, ret, g, gl);
+                if (!all_finite(ret + b * T, len[b])) return first_bad(b);
+                zero_tail(adv + b * T, len[b], T);
+                zero_tail(ret + b * T, len[b], T);
             }
         }
         return {};
     });
+    return {std::move(advantages), std::move(returns)};
 }
 
 // ---------------------------------------------------------------- whitening
 
-Moments masked_moments(const Batch& batch, const float* x, const char* name) {
-    check_batch(batch);
+Moments masked_moments(const Array& x, const Array& lengths, double shift) {
+    const Batch batch = batch_of(x, "x", lengths);
+    const float* data = floats(x, "x", batch.shape());
+    if (!std::isfinite(shift)) fail(str("shift=", shift, " must be finite"));
     const int64_t T = batch.max_len;
-    std::vector<RowMoments> rows(static_cast<size_t>(batch.size));
+    std::vector<std::pair<double, double>> rows(static_cast<size_t>(batch.size));
     parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
         for (int64_t b = begin; b < end; ++b) {
-            const int64_t len = batch.lengths[b];
-            const float* row = x + b * T;
-            rows[static_cast<size_t>(b)] = row_moments(row, len);
-            // A double sum of floats cannot overflow, so non-finite means a non-finite input.
-            if (!std::isfinite(rows[static_cast<size_t>(b)].mean)) return first_non_finite(name, row, b, len);
+            const float* row = data + b * T;
+            if (!all_finite(row, batch.lengths[b])) return first_non_finite("x", row, b, batch.lengths[b]);
+            rows[static_cast<size_t>(b)] = row_sums<true>(row, batch.lengths[b], shift);
         }
         return {};
     });
-
-    // Chan et al.'s pairwise update, in row order so the result is reproducible.
-    int64_t n = 0;
-    double mean = 0.0, m2 = 0.0;
-    for (const RowMoments& r : rows) {
-        const int64_t total = n + r.count;
-        const double delta = r.mean - mean;
-        mean += delta * static_cast<double>(r.count) / static_cast<double>(total);
-        m2 += r.m2 + delta * delta * static_cast<double>(n) * static_cast<double>(r.count) /
-                         static_cast<double>(total);
-        n = total;
+    Moments m;
+    for (int64_t b = 0; b < batch.size; ++b) {  // in row order: the same sums on every run
+        m.count += batch.lengths[b];
+        m.sum += rows[static_cast<size_t>(b)].first;
+        m.sum_squares += rows[static_cast<size_t>(b)].second;
     }
-    if (n < 2) fail(str(name, ": whitening needs at least 2 valid tokens, got ", n));
-    return {n, mean, m2 / static_cast<double>(n - 1)};
+    return m;
 }
 
-void whiten(const Batch& batch, const float* x, bool keep_mean, float* out) {
-    const Moments m = masked_moments(batch, x, "x");
+Owned<float> whiten(const Array& x, const Array& lengths, bool shift_mean, std::optional<double> mean,
+                    std::optional<double> var) {
+    const Batch batch = batch_of(x, "x", lengths);
+    const float* data = floats(x, "x", batch.shape());
+    if (mean.has_value() != var.has_value())
+        fail(str("whiten: mean and var go together (the statistics to use), got only ", mean ? "mean" : "var"));
+    const bool given = mean.has_value();
+    if (given && !std::isfinite(*mean)) fail(str("mean=", *mean, " must be finite"));
+    if (given && !(*var >= 0.0 && std::isfinite(*var))) fail(str("var=", *var, " must be finite and >= 0"));
     const int64_t T = batch.max_len;
+
+    if (!given) {
+        // The batch's own: per row, the mean and the sum of squared deviations from
+        // it (two passes over a row in cache), merged in row order with Chan et al.'s
+        // pairwise update, so the result is the same on every run.
+        std::vector<std::pair<double, double>> rows(static_cast<size_t>(batch.size));  // (mean, m2)
+        parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
+            for (int64_t b = begin; b < end; ++b) {
+                const float* row = data + b * T;
+                const int64_t len = batch.lengths[b];
+                if (!all_finite(row, len)) return first_non_finite("x", row, b, len);
+                const double row_mean = row_sums<false>(row, len, 0.0).first / static_cast<double>(len);
+                rows[static_cast<size_t>(b)] = {row_mean, row_sums<true>(row, len, row_mean).second};
+            }
+            return {};
+        });
+        int64_t n = 0;
+        double m = 0.0, m2 = 0.0;
+        for (int64_t b = 0; b < batch.size; ++b) {
+            const int64_t count = batch.lengths[b], total = n + count;
+            const auto [row_mean, row_m2] = rows[static_cast<size_t>(b)];
+            const double delta = row_mean - m;
+            m += delta * static_cast<double>(count) / static_cast<double>(total);
+            m2 += row_m2 + delta * delta * static_cast<double>(n) * static_cast<double>(count) /
+                               static_cast<double>(total);
+            n = total;
+        }
+        if (n < 2) fail(str("whitening needs at least 2 valid tokens, got ", n));
+        mean = m;
+        var = m2 / static_cast<double>(n - 1);
+    }
+
     // The mean as a float plus the float of what that drops: x - mean_hi is
     // exact for x near the mean (Sterbenz), so a large mean over a small
     // spread keeps its digits without double arithmetic per token.
-    const float mean_hi = static_cast<float>(m.mean);
-    const float mean_lo = static_cast<float>(m.mean - static_cast<double>(mean_hi));
-    const float inv_std = static_cast<float>(1.0 / std::sqrt(m.var + 1e-8));
-    const float shift = keep_mean ? mean_hi : 0.0f;
+    const auto mean_hi = static_cast<float>(*mean);
+    const auto mean_lo = static_cast<float>(*mean - static_cast<double>(mean_hi));
+    const auto inv_std = static_cast<float>(1.0 / std::sqrt(*var + 1e-8));
+    const float shift = shift_mean ? 0.0f : mean_hi;
+    Owned<float> whitened = owned<float>(batch.shape());
+    float* const out = whitened.data.get();
     parallel_rows(batch.size, batch.size * T, [&](int64_t begin, int64_t end) -> RowError {
         for (int64_t b = begin; b < end; ++b) {
             const int64_t len = batch.lengths[b];
-            const float* in = x + b * T;
+            const float* in = data + b * T;
+            // (with the batch's own statistics, the pass above has checked the rows)
+            if (given && !all_finite(in, len)) return first_non_finite("x", in, b, len);
             float* o = out + b * T;
             for (int64_t t = 0; t < len; ++t) o[t] = ((in[t] - mean_hi) - mean_lo) * inv_std + shift;
             zero_tail(o, len, T);
         }
         return {};
     });
+    return whitened;
 }
 
 // ---------------------------------------------------------------- minibatches
@@ -438,164 +523,19 @@ struct SplitMix64 {
 
 }  // namespace
 
-std::vector<int64_t> permutation(int64_t n, uint64_t seed) {
+Owned<int64_t> minibatch_order(int64_t n, int64_t minibatch_size, int64_t seed) {
     if (n < 1) fail(str("n=", n, " must be >= 1"));
-    std::vector<int64_t> perm(static_cast<size_t>(n));
-    std::iota(perm.begin(), perm.end(), int64_t{0});
-    SplitMix64 rng{seed};
-    for (int64_t i = n - 1; i > 0; --i) {
+    if (minibatch_size < 1) fail(str("minibatch_size=", minibatch_size, " must be >= 1"));
+    if (seed < 0) fail(str("seed=", seed, " must be >= 0"));
+    Owned<int64_t> order = owned<int64_t>({n});
+    int64_t* perm = order.data.get();
+    std::iota(perm, perm + n, int64_t{0});
+    SplitMix64 rng{static_cast<uint64_t>(seed)};
+    for (int64_t i = n - 1; i > 0; --i) {  // Fisher-Yates
         const auto j = static_cast<int64_t>(rng.below(static_cast<uint64_t>(i) + 1));
-        std::swap(perm[static_cast<size_t>(i)], perm[static_cast<size_t>(j)]);
+        std::swap(perm[i], perm[j]);
     }
-    return perm;
-}
-
-void gather_rows(const void* src, int64_t n_src_rows, int64_t src_row_stride, const int64_t* idx,
-                 int64_t n_idx, int64_t row_bytes, void* out) {
-    if (n_idx < 1) fail(str("idx is empty"));
-    if (row_bytes < 0 || row_bytes > src_row_stride)
-        fail(str("row_bytes=", row_bytes, " is outside [0, ", src_row_stride, "]"));
-    for (int64_t i = 0; i < n_idx; ++i)
-        if (idx[i] < 0 || idx[i] >= n_src_rows)
-            fail(str("idx[", i, "]=", idx[i], " is outside [0, ", n_src_rows, ")"));
-    const auto* from = static_cast<const char*>(src);
-    auto* to = static_cast<char*>(out);
-    parallel_rows(n_idx, n_idx * row_bytes / 4, [&](int64_t begin, int64_t end) -> RowError {
-        for (int64_t i = begin; i < end; ++i)
-            std::memcpy(to + i * row_bytes, from + idx[i] * src_row_stride, static_cast<size_t>(row_bytes));
-        return {};
-    });
-}
-
-// ---------------------------------------------------------------- packing
-
-Packing pack(const int64_t* lengths, int64_t n, int64_t budget) {
-    if (n < 1) fail(str("empty batch: ", n, " sequences"));
-    if (budget < 1) fail(str("budget=", budget, " must be >= 1"));
-    for (int64_t b = 0; b < n; ++b) {
-        if (lengths[b] < 1) fail(str("lengths[", b, "]=", lengths[b], " must be >= 1"));
-        if (lengths[b] > budget)
-            fail(str("lengths[", b, "]=", lengths[b], " exceeds budget=", budget));
-    }
-    std::vector<int64_t> order(static_cast<size_t>(n));
-    std::iota(order.begin(), order.end(), int64_t{0});
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
-
-    // First fit in O(log n) per sequence: a max-tree over the free space of n
-    // candidate rows (there are never more rows than sequences).  Unopened rows
-    // are empty, and opened rows are always a prefix, so "the leftmost row with
-    // room" is either an open row or the next new one.
-    int64_t leaves = 1;
-    while (leaves < n) leaves *= 2;
-    std::vector<int64_t> room(static_cast<size_t>(2 * leaves), 0);
-    for (int64_t i = 0; i < n; ++i) room[static_cast<size_t>(leaves + i)] = budget;
-    for (int64_t i = leaves - 1; i >= 1; --i)
-        room[static_cast<size_t>(i)] = std::max(room[static_cast<size_t>(2 * i)], room[static_cast<size_t>(2 * i + 1)]);
-
-    Packing p;
-    p.row_of_seq.assign(static_cast<size_t>(n), 0);
-    p.offset_of_seq.assign(static_cast<size_t>(n), 0);
-    for (int64_t b : order) {
-        const int64_t len = lengths[b];
-        int64_t node = 1;  // room[1] >= len always: some candidate row is still empty
-        while (node < leaves) node = room[static_cast<size_t>(2 * node)] >= len ? 2 * node : 2 * node + 1;
-        const int64_t row = node - leaves;
-        p.row_of_seq[static_cast<size_t>(b)] = row;
-        p.offset_of_seq[static_cast<size_t>(b)] = budget - room[static_cast<size_t>(node)];
-        p.n_rows = std::max(p.n_rows, row + 1);
-        room[static_cast<size_t>(node)] -= len;
-        for (node /= 2; node >= 1; node /= 2)
-            room[static_cast<size_t>(node)] =
-                std::max(room[static_cast<size_t>(2 * node)], room[static_cast<size_t>(2 * node + 1)]);
-    }
-    return p;
-}
-
-namespace {
-
-// A packing that came back from the caller must place every sequence inside
-// its row, without overlap, before anything is copied.
-void check_packing(const int64_t* lengths, int64_t n, int64_t budget, const Packing& p) {
-    if (n < 1) fail(str("empty batch: ", n, " sequences"));
-    if (budget < 1) fail(str("budget=", budget, " must be >= 1"));
-    if (p.n_rows < 1) fail(str("packing has n_rows=", p.n_rows));
-    if (static_cast<int64_t>(p.row_of_seq.size()) != n || static_cast<int64_t>(p.offset_of_seq.size()) != n)
-        fail(str("packing is for ", p.row_of_seq.size(), " sequences, lengths has ", n));
-    std::vector<uint8_t> used(static_cast<size_t>(p.n_rows * budget), 0);
-    for (int64_t b = 0; b < n; ++b) {
-        const int64_t len = lengths[b], row = p.row_of_seq[static_cast<size_t>(b)],
-                      off = p.offset_of_seq[static_cast<size_t>(b)];
-        if (len < 1) fail(str("lengths[", b, "]=", len, " must be >= 1"));
-        if (row < 0 || row >= p.n_rows)
-            fail(str("row_of_seq[", b, "]=", row, " is outside [0, ", p.n_rows, ")"));
-        if (off < 0 || off > budget - len)
-            fail(str("offset_of_seq[", b, "]=", off, " with lengths[", b, "]=", len,
-                     " does not fit budget=", budget));
-        uint8_t* cell = used.data() + row * budget + off;
-        for (int64_t j = 0; j < len; ++j) {
-            if (cell[j]) fail(str("sequence ", b, " overlaps another one in row ", row));
-            cell[j] = 1;
-        }
-    }
-}
-
-}  // namespace
-
-void packing_ids(const int64_t* lengths, int64_t n, int64_t budget, const Packing& packing,
-                 int64_t* position_ids, int64_t* segment_ids) {
-    check_packing(lengths, n, budget, packing);
-    const int64_t cells = packing.n_rows * budget;
-    std::fill(position_ids, position_ids + cells, int64_t{0});
-    std::fill(segment_ids, segment_ids + cells, int64_t{-1});
-    parallel_rows(n, cells, [&](int64_t begin, int64_t end) -> RowError {
-        for (int64_t b = begin; b < end; ++b) {
-            const int64_t at = packing.row_of_seq[static_cast<size_t>(b)] * budget +
-                               packing.offset_of_seq[static_cast<size_t>(b)];
-            for (int64_t j = 0; j < lengths[b]; ++j) {
-                position_ids[at + j] = j;
-                segment_ids[at + j] = b;
-            }
-        }
-        return {};
-    });
-}
-
-void pack_rows(const void* padded, const int64_t* lengths, int64_t n, int64_t max_len,
-               int64_t token_bytes, const Packing& packing, int64_t budget, void* packed) {
-    check_batch({n, max_len, lengths});
-    check_packing(lengths, n, budget, packing);
-    const auto* from = static_cast<const char*>(padded);
-    auto* to = static_cast<char*>(packed);
-    std::memset(to, 0, static_cast<size_t>(packing.n_rows * budget * token_bytes));
-    parallel_rows(n, n * max_len * token_bytes / 4, [&](int64_t begin, int64_t end) -> RowError {
-        for (int64_t b = begin; b < end; ++b) {
-            const int64_t at = packing.row_of_seq[static_cast<size_t>(b)] * budget +
-                               packing.offset_of_seq[static_cast<size_t>(b)];
-            std::memcpy(to + at * token_bytes, from + b * max_len * token_bytes,
-                        static_cast<size_t>(lengths[b] * token_bytes));
-        }
-        return {};
-    });
-}
-
-void unpack_rows(const void* packed, const int64_t* lengths, int64_t n, int64_t max_len,
-                 int64_t token_bytes, const Packing& packing, int64_t budget, void* padded) {
-    check_batch({n, max_len, lengths});
-    check_packing(lengths, n, budget, packing);
-    const auto* from = static_cast<const char*>(packed);
-    auto* to = static_cast<char*>(padded);
-    parallel_rows(n, n * max_len * token_bytes / 4, [&](int64_t begin, int64_t end) -> RowError {
-        for (int64_t b = begin; b < end; ++b) {
-            const int64_t at = packing.row_of_seq[static_cast<size_t>(b)] * budget +
-                               packing.offset_of_seq[static_cast<size_t>(b)];
-            char* row = to + b * max_len * token_bytes;
-            const int64_t copied = lengths[b] * token_bytes;
-            std::memcpy(row, from + at * token_bytes, static_cast<size_t>(copied));
-            std::memset(row + copied, 0, static_cast<size_t>(max_len * token_bytes - copied));
-        }
-        return {};
-    });
+    return order;
 }
 
 }  // namespace minirlhf

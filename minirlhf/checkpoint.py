@@ -31,7 +31,8 @@ from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer as _load_tokeni
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.pt"
 
 
-def _fsync(path: Path) -> None:
+def fsync(path) -> None:
+    """fsync a file or a directory by path (a directory: so a rename or a new file in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -40,16 +41,34 @@ def _fsync(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG a stage may draw from, as tensors and plain lists (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_finite(models: dict) -> None:
+    for name, model in models.items():
+        for pname, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteError(f"{name}.{pname} holds non-finite values; not saved")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient norm, logit or weight is NaN or infinite: the stage stops, the last good
+    checkpoint is kept."""
 
 
 def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: int, finished: bool,
@@ -57,6 +76,7 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
          info: dict | None = None) -> None:
     """Write a checkpoint of `stage` to `path` atomically (see the module docstring)."""
     path = Path(path)
+    _check_finite({"model": model, **(extra_models or {})})  # never replace a good checkpoint with NaN weights
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)  # debris of an earlier crash mid-save
@@ -70,14 +90,14 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / STATE_FILE)
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
         path.rename(old)
     tmp.rename(path)
-    _fsync(path.parent)
+    fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -125,5 +145,24 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def load_state(path) -> dict:
-    """The resume state (optimizer, step, RNG, stage extras); RNG is not restored here."""
-    return torch.load(_resolve(path) / STATE_FILE, weights_only=False)
+    """The resume state (optimizer, step, RNG, stage extras); RNG is not restored here.
+
+    Loaded with weights_only=True: tensors and plain containers only, so a run directory
+    from elsewhere cannot execute code."""
+    p = _resolve(path) / STATE_FILE
+    try:
+        return torch.load(p, weights_only=True)
+    except Exception as e:  # a pickle with code in it, or a corrupt file
+        raise ValueError(f"{p}: not a loadable resume state ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def update_info(path, **info) -> None:
+    """Add entries to a finished checkpoint's info (config.json), atomically (write, fsync, rename)."""
+    p = _resolve(path)
+    meta = read_meta(p)
+    meta["info"] = {**meta.get("info", {}), **info}
+    tmp = p / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    fsync(tmp)
+    tmp.replace(p / CONFIG_FILE)
+    fsync(p)

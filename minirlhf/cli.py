@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from . import config as C
+from .checkpoint import NonFiniteError
+from .loop import StageStopped
 
 COMMANDS = {
     "train": "the whole pipeline: pretrain -> SFT -> rankings -> RM -> PPO -> evaluation + report",
@@ -23,11 +25,75 @@ COMMANDS = {
     "eval": "score checkpoints on the held-out prompts: gold, RM, KL to a reference",
     "generate": "sample responses from any checkpoint",
     "data": "`data export DIR`: write the embedded task as JSONL files",
+    "label": "rank responses or compare two checkpoints in the browser; inter-annotator agreement",
+    "experiment": "experiments that answer the recipe's questions: sft-ablation, kl-sweep, ptx, iterate, best-of-n",
     "export": "write a checkpoint as a Hugging Face directory (transformers loads it)",
 }
 
 
 RUN_COMMANDS = ("train", "pretrain", "sft", "rm", "ppo", "eval")
+
+
+# ---- the command line's view of the config: dotted overrides ----
+
+def field_type(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    return {"int": int, "float": float, "bool": bool, "str": str}[t]
+
+
+def parse_value(text: str, f: dataclasses.Field, name: str):
+    """The typed value of `--name text` for field f; "none" is the off-switch of a field whose default is None
+    or whose range allows it."""
+    kind = field_type(f)
+    if text.lower() in ("none", "null", "off") and "None" in str(f.type):
+        return None
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name}: expected {kind.__name__}, got {text!r}") from None
+
+
+def apply_overrides(cfg: C.RunConfig, overrides: dict[str, str]) -> C.RunConfig:
+    """overrides: {"ppo.kl_coef": "0.05", "seed": "1"} → a new validated RunConfig."""
+    top, nested = {}, {}
+    top_fields = {f.name: f for f in dataclasses.fields(C.RunConfig) if f.name not in C.SECTIONS}
+    for name, text in overrides.items():
+        if "." in name:
+            section, key = name.split(".", 1)
+            if section not in C.SECTIONS:
+                raise ValueError(f"--{name}: unknown section {section!r} (one of {', '.join(C.SECTIONS)})")
+            fs = {f.name: f for f in dataclasses.fields(C.section_class(section))}
+            if key not in fs:
+                raise ValueError(f"--{name}: {section} has no field {key!r} (see --help)")
+            nested.setdefault(section, {})[key] = parse_value(text, fs[key], name)
+        elif name in top_fields:
+            top[name] = parse_value(text, top_fields[name], name)
+        else:
+            raise ValueError(f"--{name}: unknown option (see --help)")
+    return C.replace(cfg, **top, **nested)
+
+
+def bounded(kind: type, **rng):
+    """An argparse type: kind(text) within the range (config.knob's ge/gt/le/lt), else a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        try:
+            C.check_range("value", value, rng, False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} must be {C.describe_range(rng)}") from None
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 class UserError(ValueError):
@@ -41,7 +107,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=sorted(C.PRESETS),
-                   help="starting configuration: tiny (tests, seconds), quick (2 CPU cores, ~15 min), gpu (~100M params)")
+                   help="starting configuration: tiny (tests, seconds), quick (2 CPU cores, ~5 min), gpu (~100M params, one GPU)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue a stage killed mid-way from its last checkpoint")
     defaults = C.PRESETS["quick"]()
@@ -50,22 +116,29 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         if f.name in C.SECTIONS:
             continue
         flag = "--skip-sft" if f.name == "skip_sft" else f"--{f.name}"
-        top.add_argument(flag, dest=f"cfg:{f.name}", default=argparse.SUPPRESS, metavar=C._field_type(f).__name__.upper(),
-                         help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)})",
+        top.add_argument(flag, dest=f"cfg:{f.name}", default=argparse.SUPPRESS, metavar=field_type(f).__name__.upper(),
+                         help=_help(None, f, getattr(defaults, f.name)),
                          **({"nargs": "?", "const": "true"} if f.name == "skip_sft" else {}))
     for section in C.SECTIONS:
         sub = getattr(defaults, section)
-        group = p.add_argument_group(section, (type(sub).__doc__ or "").strip())
+        doc = (type(sub).__doc__ or "").strip()
+        group = p.add_argument_group(section, "" if doc.startswith(type(sub).__name__ + "(") else doc)
         for f in dataclasses.fields(sub):
             group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar=C._field_type(f).__name__.upper(),
-                               help=f"{f.metadata['help']} (default: {getattr(sub, f.name)})")
+                               metavar=field_type(f).__name__.upper(), help=_help(section, f, getattr(sub, f.name)))
+
+
+def _help(section, f: dataclasses.Field, default) -> str:
+    rng = C.field_range(section, f)
+    valid = f"; {C.describe_range(rng)}" if rng else ""
+    none = "; none = off" if "None" in str(f.type) else ""
+    return f"{f.metadata.get('help', '')} (default: {default}{valid}{none})".replace("%", "%%")
 
 
 def resolve_config(args) -> C.RunConfig:
     cfg = C.PRESETS[args.preset]()
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
-    return C.apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,18 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--max-seq-len", type=int, default=None,
                             help="with --init-from: longest prompt + response (default: the model's context)")
             sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-            sp.add_argument("--n", type=int, default=1, help="samples per prompt")
-            sp.add_argument("--max-new-tokens", type=int, default=48)
-            sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-            sp.add_argument("--top-k", type=int, default=0, help="0 = off")
-            sp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-            sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--n", type=bounded(int, ge=1), default=1, help="samples per prompt")
+            sp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=48)
+            sp.add_argument("--temperature", type=bounded(float, ge=0), default=0.8, help="0 = greedy")
+            sp.add_argument("--top-k", type=bounded(int, ge=0), default=0, help="0 = off")
+            sp.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0, help="1 = off")
+            sp.add_argument("--seed", type=bounded(int, ge=0), default=0)
             sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
+        if name == "label":
+            from .label.cli import add_arguments
+            add_arguments(sp)
+        if name == "experiment":
+            from .experiments.cli import add_arguments
+            add_arguments(sp)
         if name == "data":
             sp.add_argument("action", choices=["export"])
             sp.add_argument("dir", help="output directory")
             sp.add_argument("--preset", default="quick", choices=sorted(C.PRESETS))
-            sp.add_argument("--seed", type=int, default=None, help="task seed (default: the preset's)")
+            sp.add_argument("--seed", type=bounded(int, ge=0), default=None, help="task seed (default: the preset's)")
         if name == "export":
             from .interop.export import add_arguments
 
@@ -194,6 +273,12 @@ def main(argv=None) -> int:
             from .interop.export import main as cmd_export
 
             return cmd_export(args)
+        if args.command == "label":
+            from .label.cli import main as label_main
+            return label_main(args)
+        if args.command == "experiment":
+            from .experiments.cli import main as experiment_main
+            return experiment_main(args)
         return cmd_stages(args)
     except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
         print(f"error: {e}", file=sys.stderr)
@@ -201,6 +286,9 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e.filename}: no such file", file=sys.stderr)
         return 2
+    except (StageStopped, NonFiniteError) as e:  # the run cannot go on; what finished is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; rerun with --resume to continue the current one",
               file=sys.stderr)

@@ -90,6 +90,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     next_pos = positions[:, -1] + 1
     for t in range(max_new_tokens):
         logits = logits.float()
+        if not torch.isfinite(logits).all():  # sampling would fail, or worse, go on with garbage
+            from .checkpoint import NonFiniteError
+            raise NonFiniteError(f"non-finite logits at generation step {t}")
         if temperature == 0:
             token = logits.argmax(-1)
             logp = F.log_softmax(logits, -1)

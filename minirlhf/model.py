@@ -51,6 +51,9 @@ class ModelConfig:
     rope_original_max_len: int = _knob(8192, "llama3 RoPE scaling: original_max_position_embeddings")
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"config: model.{name}={getattr(self, name)!r}: must be a positive integer")
         if not self.head_dim and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

@@ -6,12 +6,18 @@ import math
 import torch
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    # decay matrices (linear weights, embeddings); not gains or biases (nanoGPT's split)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), *,
+                   also: tuple[tuple[torch.nn.Module, float], ...] = ()):
+    """AdamW over model's parameters at lr, and over each (other model, its lr) of `also` in
+    the same optimizer (one step updates all of them; PPO's policy and critic).
+
+    Weight decay applies to matrices (linear weights, embeddings), not to gains or biases
+    (nanoGPT's split)."""
+    groups = []
+    for m, group_lr in ((model, lr), *also):
+        params = [p for p in m.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": group_lr},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
@@ -28,10 +34,27 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def step(optimizer, model: torch.nn.Module, loss: torch.Tensor, grad_clip: float) -> float:
-    """Backward, clip the global gradient norm, update; returns the pre-clip norm."""
+def step(optimizer, models, loss, grad_clip: float | None):
+    """Backward, clip gradient norms (None: no clipping), update; returns the pre-clip norm(s).
+
+    models: one module, or a list of modules whose gradient norms are clipped each on its own
+    (PPO's policy and critic: one backward and one optimizer step, two norms). loss: a scalar
+    tensor, or {name: scalar tensor} summed (disjoint graphs give each model its own gradient).
+    A non-finite loss or gradient norm raises NonFiniteError naming it, before the update, so
+    the weights stay as they were (the stage stops and keeps its last good checkpoint)."""
+    from .checkpoint import NonFiniteError
+
+    losses = loss if isinstance(loss, dict) else {"loss": loss}
+    for name, value in losses.items():
+        if not torch.isfinite(value):
+            raise NonFiniteError(f"{name} is {value.item()}")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+    sum(losses.values()).backward()
+    norms = []
+    for m in models if isinstance(models, (list, tuple)) else [models]:
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip if grad_clip is not None else float("inf"))
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"gradient norm is {norm.item()}")
+        norms.append(float(norm))
     optimizer.step()
-    return float(norm)
+    return norms if isinstance(models, (list, tuple)) else norms[0]

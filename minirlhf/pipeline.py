@@ -1,14 +1,18 @@
 """`train`: the InstructGPT recipe end to end, one stage after another.
 
-    inputs ─▶ pretrain ─▶ sft ─▶ rankings (SFT samples, annotator) ─▶ rm ─▶ ppo ─▶ evaluation ─▶ report
+    inputs ─▶ tokenizer ─▶ pretrain ─▶ sft ─▶ rankings ─▶ rm ─▶ ppo ─▶ evaluation ─▶ report
 
-Each stage writes its checkpoint directory under the run directory. A finished stage is
-kept and skipped on rerun; an unfinished one (the run was killed) continues with --resume.
-Every input file is read and validated before the first stage computes anything.
+Every input is read and checked before the first stage computes anything: the files'
+formats, every prompt against its token budget, every size relation between the data and
+the config. Each stage's call is defined once (`stage_calls`), for `train` and for the
+single-stage commands alike. Each stage writes its own output under the run directory; a
+finished stage is kept and skipped on rerun, an unfinished one (the run was killed)
+continues with --resume.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,36 +20,49 @@ from typing import Callable
 
 from . import checkpoint
 from .config import RunConfig
-from .data import Annotator, Comparison, build_task, read_corpus, read_preferences, read_prompts, read_sft
+from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
+                   row_lines)
 from .device import resolve_device, seed_everything, use_all_cores
 from .metrics import Metrics
+from .tokenizer import TOKENIZER_FILE, Tokenizer, token_stream
 
 PREFERENCES_FILE = "preferences.jsonl"
+ORDER = ("pretrain", "sft", "rankings", "rm", "ppo")
 
 
 @dataclass
 class Inputs:
-    """What the stages train and evaluate on: the embedded task, or the user's own files."""
+    """What the stages train and evaluate on: the embedded task, or the user's own files.
+
+    sources maps each prompt set to the file it came from (None: the embedded task), for
+    error messages."""
     corpus: list[str]
     corpus_heldout: list[str]
-    sft: list[tuple[str, str]]
-    sft_heldout: list[tuple[str, str]]
-    rm_prompts: list[str]
-    ppo_prompts: list[str]
-    eval_prompts: list[str]
+    sft: list[tuple]
+    sft_heldout: list[tuple]
+    rm_prompts: list
+    ppo_prompts: list
+    eval_prompts: list
     preferences: list[Comparison] | None   # the user's comparisons; None: sample + annotate
-    gold_score: Callable[[str, str], float] | None  # evaluation only; None for prompts not of the task
-    annotator: Annotator
+    task: Task
+    sources: dict[str, str | None]
+
+    def gold_score(self, prompt, response: str) -> float | None:
+        """Gold for prompts the embedded task knows, None for others. Evaluation only."""
+        return self.task.gold_or_none(prompt, response)
 
 
 def load_inputs(cfg: RunConfig) -> Inputs:
-    """The embedded task, with any piece replaced by a user file (validated here, before any compute)."""
+    """The embedded task, with any piece replaced by a user file (read and validated here)."""
     d = cfg.data
     task = build_task(cfg.task)
     corpus = read_corpus(d.corpus) if d.corpus else task.corpus
     if d.corpus_heldout:
         corpus_heldout = read_corpus(d.corpus_heldout)
     elif d.corpus:  # hold out the last 5% of the user's corpus for perplexity
+        if len(corpus) < 2:
+            raise ValueError(f"{d.corpus}: 1 document; give at least 2 (the last 5% are held out for perplexity) "
+                             f"or --data.corpus_heldout")
         cut = max(1, len(corpus) // 20)
         corpus, corpus_heldout = corpus[:-cut], corpus[-cut:]
     else:
@@ -54,52 +71,176 @@ def load_inputs(cfg: RunConfig) -> Inputs:
         sft = read_sft(d.sft)
         cut = max(1, len(sft) // 10) if len(sft) > 1 else 0
         sft, sft_heldout = sft[cut:], sft[:cut]
+        if not sft_heldout:
+            print(f"[data] note: {d.sft} has 1 demonstration; none is held out, SFT picks its last step",
+                  file=sys.stderr)
     else:
         sft, sft_heldout = task.sft, task.sft_heldout
-    eval_prompts = read_prompts(d.eval_prompts) if d.eval_prompts else task.eval_prompts
     return Inputs(
         corpus=corpus, corpus_heldout=corpus_heldout, sft=sft, sft_heldout=sft_heldout,
         rm_prompts=read_prompts(d.rm_prompts) if d.rm_prompts else task.rm_prompts,
         ppo_prompts=read_prompts(d.ppo_prompts) if d.ppo_prompts else task.ppo_prompts,
-        eval_prompts=eval_prompts,
+        eval_prompts=read_prompts(d.eval_prompts) if d.eval_prompts else task.eval_prompts,
         preferences=read_preferences(d.preferences) if d.preferences else None,
-        # the gold function knows only the embedded world's prompts
-        gold_score=None if d.eval_prompts else task.gold_score,
-        annotator=Annotator(task.gold_score, cfg.task.annotator_noise, cfg.seed),
+        task=task,
+        sources={"rm_prompts": d.rm_prompts, "ppo_prompts": d.ppo_prompts, "eval_prompts": d.eval_prompts},
     )
 
 
-def stage(name: str, out_dir: Path, run: Callable[[bool], Path], resume: bool, wall: dict) -> Path:
-    """Run one stage unless it already finished; refuse to silently restart a killed one."""
-    if checkpoint.is_finished(out_dir):
-        print(f"[{name}] finished earlier, kept: {out_dir}")
-        return out_dir
-    if checkpoint.exists(out_dir) and not resume:
-        step = checkpoint.read_meta(out_dir)["step"]
-        raise ValueError(f"{out_dir}: unfinished {name} checkpoint (step {step}); rerun with --resume "
-                         f"to continue it, or delete the directory to start the stage over")
-    t0 = time.time()
-    run(checkpoint.exists(out_dir))
-    wall[name] = round(time.time() - t0, 1)
-    return out_dir
+def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, ...]) -> None:
+    """Every prompt against its token budget and every size relation between data and config,
+    for the stages about to run; ValueError `file:line: field: what is wrong` at the first
+    mistake. Sizes that are merely small are used as they are, and said (a note on stderr)."""
+    L = cfg.model.max_seq_len
+    budgets = []  # (name, prompts, max_new_tokens, section)
+    if "rankings" in stages and inputs.preferences is None:
+        budgets.append(("rm_prompts", inputs.rm_prompts, cfg.rm.max_new_tokens, "rm"))
+    if "ppo" in stages:
+        budgets.append(("ppo_prompts", inputs.ppo_prompts, cfg.ppo.max_new_tokens, "ppo"))
+    if "eval" in stages:
+        budgets.append(("eval_prompts", inputs.eval_prompts, cfg.eval.max_new_tokens, "eval"))
+    for name, prompts, max_new, section in budgets:
+        room = L - max_new - 1  # the response, and the EOS the RM reads a truncated response at
+        for i, p in enumerate(prompts):
+            n = len(tokenizer.prompt_ids(p))
+            if n > room:
+                src = inputs.sources.get(name)
+                where = f"{src}:{row_lines(src)[i]}" if src else f"the embedded task's {name}[{i}]"
+                raise ValueError(f"{where}: prompt: {n} tokens, but model.max_seq_len={L} leaves {room} for a prompt "
+                                 f"next to {section}.max_new_tokens={max_new} and the EOS; shorten the prompt, "
+                                 f"lower --{section}.max_new_tokens or raise --model.max_seq_len")
+    if "rankings" in stages and inputs.preferences is None:
+        unknown = [i for i, p in enumerate(inputs.rm_prompts) if not inputs.task.knows(p)]
+        if unknown:
+            src = inputs.sources["rm_prompts"]
+            raise ValueError(f"{src}:{row_lines(src)[unknown[0]]}: prompt: not one of the embedded task's prompts; the "
+                             f"simulated annotator can rank answers only to those — give your own rankings with "
+                             f"--data.preferences")
+    if "pretrain" in stages or "eval" in stages:  # training windows; held-out perplexity windows
+        pc = cfg.pretrain
+        texts = [("held-out corpus", inputs.corpus_heldout, cfg.data.corpus_heldout or cfg.data.corpus)]
+        if "pretrain" in stages:
+            texts.insert(0, ("corpus", inputs.corpus, cfg.data.corpus))
+        for what, texts, src in texts:
+            n = len(token_stream(tokenizer, texts))
+            if n < pc.seq_len + 2:
+                raise ValueError(f"{src or 'the embedded task'}:0: {what}: {n} tokens, fewer than one window of "
+                                 f"pretrain.seq_len={pc.seq_len} + 2; give more text or lower --pretrain.seq_len")
+    notes = []
+    if "sft" in stages:
+        if cfg.sft.samples is not None and cfg.sft.samples > len(inputs.sft):
+            raise ValueError(f"config: sft.samples={cfg.sft.samples}: only {len(inputs.sft)} demonstrations are "
+                             f"available")
+        n_demos = min(len(inputs.sft), cfg.sft.samples or len(inputs.sft))
+        if cfg.sft.batch_size > n_demos:
+            notes.append(f"sft.batch_size={cfg.sft.batch_size} > {n_demos} demonstrations: one batch of all of them")
+    if "rm" in stages and inputs.preferences is not None:
+        from .stages.rm import heldout_split
+
+        if not heldout_split(inputs.preferences, cfg.rm.heldout_fraction, cfg.seed)[1]:
+            raise ValueError(f"{cfg.data.preferences}:0: file: {len(inputs.preferences)} comparison(s) with a "
+                             f"preference; after holding out rm.heldout_fraction={cfg.rm.heldout_fraction} none is left "
+                             f"to train on (give more, or --rm.heldout_fraction 0)")
+    if "ppo" in stages and len(inputs.ppo_prompts) < cfg.ppo.batch_size:
+        notes.append(f"{len(inputs.ppo_prompts)} PPO prompts < ppo.batch_size={cfg.ppo.batch_size}: each iteration "
+                     f"draws its batch with replacement")
+    for n in notes:
+        print(f"[data] note: {n}", file=sys.stderr)
 
 
-def gold_curve(cfg: RunConfig, inputs: Inputs, sft_dir):
-    """PPO's `evaluate` callback: gold score on a fixed slice of the held-out prompts.
+def run_tokenizer(cfg: RunConfig, run_dir: Path, corpus: list[str]):
+    """The run's tokenizer: the pretrain checkpoint's, or one trained on the corpus now and kept
+    as run_dir/tokenizer.model (so a resumed pretraining uses the very same one)."""
+    if checkpoint.exists(run_dir / "pretrain"):
+        return checkpoint.load_tokenizer(run_dir / "pretrain")
+    path = run_dir / TOKENIZER_FILE
+    if path.exists():
+        return Tokenizer.load(path)
+    tokenizer = Tokenizer.train(corpus, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"config: model.vocab_size={cfg.model.vocab_size}: the tokenizer needs "
+                         f"{tokenizer.vocab_size} pieces (byte fallback and special tokens)")
+    tmp = path.with_name(path.name + ".tmp")
+    tokenizer.save(tmp)
+    tmp.replace(path)
+    return tokenizer
 
-    Evaluation only, for the curve in the report; the PPO reward never sees it."""
-    if inputs.gold_score is None:
-        return None
+
+def gold_curve(cfg: RunConfig, inputs: Inputs, tokenizer):
+    """PPO's `evaluate` callback: gold score on a fixed slice of the held-out prompts that the
+    task knows. Evaluation only, for the curve in the report; the PPO reward never sees it."""
     from .evaluate import evaluate_policy
 
-    tokenizer = checkpoint.load_tokenizer(sft_dir)
-    prompts = inputs.eval_prompts[:cfg.ppo.eval_prompts]
+    prompts = [p for p in inputs.eval_prompts if inputs.task.knows(p)][:cfg.ppo.eval_prompts]
+    if not prompts:
+        return None
 
     def evaluate(policy):
         return evaluate_policy(policy, tokenizer, prompts, gold_score=inputs.gold_score,
                                max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                                batch_size=cfg.eval.batch_size, seed=cfg.seed)
     return evaluate
+
+
+# ---------------------------------------------------------------- the stages, each call written once
+def stage_calls(cfg: RunConfig, run_dir: Path, inputs: Inputs, metrics: Metrics, tokenizer) -> dict[str, Callable]:
+    """name -> call(dirs, resume) -> output path; dirs holds the inputs' directories
+    ("base", "sft", "rm", "preferences")."""
+    from .stages.ppo import run_ppo
+    from .stages.pretrain import run_pretrain
+    from .stages.rankings import run_rankings
+    from .stages.rm import run_rm
+    from .stages.sft import run_sft
+
+    def comparisons(dirs):
+        return inputs.preferences if inputs.preferences is not None else read_preferences(dirs["preferences"])
+
+    return {
+        "pretrain": lambda dirs, resume: run_pretrain(
+            cfg, run_dir / "pretrain", tokenizer=tokenizer, corpus=inputs.corpus,
+            corpus_heldout=inputs.corpus_heldout, metrics=metrics, resume=resume),
+        "sft": lambda dirs, resume: run_sft(
+            cfg, run_dir / "sft", base_dir=dirs["base"], demos=inputs.sft, demos_heldout=inputs.sft_heldout,
+            metrics=metrics, resume=resume),
+        "rankings": lambda dirs, resume: run_rankings(
+            cfg, run_dir / PREFERENCES_FILE, sft_dir=dirs["sft"], prompts=inputs.rm_prompts,
+            gold_score=inputs.task.gold_score, annotator_seed=cfg.seed, metrics=metrics, resume=resume),
+        "rm": lambda dirs, resume: run_rm(
+            cfg, run_dir / "rm", sft_dir=dirs["sft"], comparisons=comparisons(dirs), metrics=metrics,
+            gold_score=inputs.gold_score, resume=resume),
+        "ppo": lambda dirs, resume: run_ppo(
+            cfg, run_dir / "ppo", sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts=inputs.ppo_prompts,
+            metrics=metrics, evaluate=gold_curve(cfg, inputs, tokenizer), resume=resume,
+            pretrain_corpus=inputs.corpus),
+    }
+
+
+def stage_output(name: str, run_dir: Path) -> Path:
+    return run_dir / (PREFERENCES_FILE if name == "rankings" else name)
+
+
+def _state(name: str, out: Path) -> tuple[bool, str | None]:
+    """(finished, description of an unfinished output or None)."""
+    if name == "rankings":
+        partial = out.with_name(out.name + ".partial")
+        return out.exists(), (f"{partial} (partial rankings)" if partial.exists() else None)
+    if checkpoint.is_finished(out):
+        return True, None
+    return False, (f"{out} (step {checkpoint.read_meta(out)['step']})" if checkpoint.exists(out) else None)
+
+
+def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, wall: dict):
+    """Run one stage unless it already finished; refuse to silently restart a killed one."""
+    finished, unfinished = _state(name, out)
+    if finished:
+        print(f"[{name}] finished earlier, kept: {out}")
+        return
+    if unfinished and not resume:
+        raise ValueError(f"{unfinished}: unfinished {name} output; rerun with --resume to continue it, or "
+                         f"delete it to start the stage over")
+    t0 = time.time()
+    call(bool(unfinished))
+    wall[name] = round(time.time() - t0, 1)
 
 
 def _prepare(cfg: RunConfig, run_dir) -> tuple[Path, Inputs, Metrics]:
@@ -112,104 +253,72 @@ def _prepare(cfg: RunConfig, run_dir) -> tuple[Path, Inputs, Metrics]:
 
 
 def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
-    from .stages.ppo import run_ppo
-    from .stages.pretrain import run_pretrain
-    from .stages.rm import collect_rankings, run_rm
-    from .stages.sft import run_sft
-
+    """The whole recipe into run_dir; returns the summary (summary.json)."""
     t_start = time.time()
     run_dir, inputs, metrics = _prepare(cfg, run_dir)
+    tokenizer = run_tokenizer(cfg, run_dir, inputs.corpus)
+    stages = tuple(s for s in ORDER if not (s == "sft" and cfg.skip_sft)
+                   and not (s == "rankings" and inputs.preferences is not None))
+    check_inputs(cfg, inputs, tokenizer, stages + ("eval",))
     wall_path = run_dir / "wall_times.json"
     wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
-
-    def track(name, out_dir, run):
-        d = stage(name, out_dir, run, resume, wall)
-        wall_path.write_text(json.dumps(wall))
-        return d
-
-    base = track("pretrain", run_dir / "pretrain", lambda r: run_pretrain(
-        cfg, run_dir / "pretrain", corpus=inputs.corpus, corpus_heldout=inputs.corpus_heldout,
-        metrics=metrics, resume=r))
+    calls = stage_calls(cfg, run_dir, inputs, metrics, tokenizer)
+    dirs = {"base": run_dir / "pretrain", "sft": run_dir / ("pretrain" if cfg.skip_sft else "sft"),
+            "rm": run_dir / "rm", "preferences": run_dir / PREFERENCES_FILE}
     if cfg.skip_sft:
         print("[sft] skipped (--skip-sft): the base model is the policy init and the KL reference")
-        sft = base
-    else:
-        sft = track("sft", run_dir / "sft", lambda r: run_sft(
-            cfg, run_dir / "sft", base_dir=base, demos=inputs.sft, demos_heldout=inputs.sft_heldout,
-            metrics=metrics, resume=r))
+    for name in stages:
+        run_stage(name, stage_output(name, run_dir), lambda r, name=name: calls[name](dirs, r), resume, wall)
+        wall_path.write_text(json.dumps(wall))
 
-    comparisons = inputs.preferences
-    if comparisons is None:
-        prefs = run_dir / PREFERENCES_FILE
-        if prefs.exists():
-            print(f"[rankings] collected earlier, kept: {prefs}")
-            comparisons = read_preferences(prefs)
-        else:
-            t0 = time.time()
-            comparisons = collect_rankings(cfg, sft, inputs.rm_prompts, inputs.annotator, prefs)
-            wall["rankings"] = round(time.time() - t0, 1)
-            print(f"[rankings] {len(comparisons)} prompts x {cfg.rm.k} responses ranked -> {prefs}")
-    rm = track("rm", run_dir / "rm", lambda r: run_rm(
-        cfg, run_dir / "rm", sft_dir=sft, comparisons=comparisons, metrics=metrics,
-        gold_score=inputs.gold_score, resume=r))
-
-    ppo = track("ppo", run_dir / "ppo", lambda r: run_ppo(
-        cfg, run_dir / "ppo", sft_dir=sft, rm_dir=rm, prompts=inputs.ppo_prompts, metrics=metrics,
-        evaluate=gold_curve(cfg, inputs, sft), resume=r))
-
-    from .report import evaluate_checkpoints, write_report
+    from .evaluate import evaluate_checkpoints
+    from .report import write_report
 
     t0 = time.time()
-    stages = {"base": base, "sft": sft, "ppo": ppo}
-    evals = evaluate_checkpoints(cfg, stages, rm_dir=rm, ref_dir=sft, inputs=inputs)
+    ckpts = {"base": dirs["base"], **({} if cfg.skip_sft else {"sft": dirs["sft"]}), "ppo": run_dir / "ppo"}
+    evals = evaluate_checkpoints(ckpts, rm_dir=dirs["rm"], ref_dir=dirs["sft"], prompts=inputs.eval_prompts,
+                                 gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
+                                 seq_len=cfg.pretrain.seq_len, seed=cfg.seed, device=resolve_device(cfg.device))
     wall["eval"] = round(time.time() - t0, 1)
     wall_path.write_text(json.dumps(wall))
-    summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=rm, wall=wall, total_wall=time.time() - t_start)
+    summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
+                           total_wall=time.time() - t_start)
     print(f"[train] done in {time.time() - t_start:.0f}s: {run_dir / 'report.md'}")
     return summary
 
 
 def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=None, rm_dir=None) -> Path:
-    """`python -m minirlhf pretrain|sft|rm|ppo`: one stage, its input checkpoint given explicitly."""
-    from .stages.ppo import run_ppo
-    from .stages.pretrain import run_pretrain
-    from .stages.rm import collect_rankings, run_rm
-    from .stages.sft import run_sft
-
+    """`python -m minirlhf pretrain|sft|rm|ppo`: one stage, its input checkpoints given explicitly
+    (`rm` samples and ranks comparisons first, unless --data.preferences gives them)."""
     run_dir, inputs, metrics = _prepare(cfg, run_dir)
     for label, d in (("--from", from_dir), ("--rm", rm_dir)):
         if d is not None and not checkpoint.is_finished(d):
             raise ValueError(f"{label} {d}: not a finished checkpoint directory")
-    out, wall = run_dir / name, {}
-    if name == "pretrain":
-        run = lambda r: run_pretrain(cfg, out, corpus=inputs.corpus, corpus_heldout=inputs.corpus_heldout,  # noqa: E731
-                                     metrics=metrics, resume=r)
-    elif name == "sft":
-        run = lambda r: run_sft(cfg, out, base_dir=from_dir, demos=inputs.sft, demos_heldout=inputs.sft_heldout,  # noqa: E731
-                                metrics=metrics, resume=r)
-    elif name == "rm":
-        comparisons = inputs.preferences
-        if comparisons is None:
-            comparisons = collect_rankings(cfg, from_dir, inputs.rm_prompts, inputs.annotator,
-                                           run_dir / PREFERENCES_FILE)
-        run = lambda r: run_rm(cfg, out, sft_dir=from_dir, comparisons=comparisons, metrics=metrics,  # noqa: E731
-                               gold_score=inputs.gold_score, resume=r)
-    else:
-        run = lambda r: run_ppo(cfg, out, sft_dir=from_dir, rm_dir=rm_dir, prompts=inputs.ppo_prompts,  # noqa: E731
-                                metrics=metrics, evaluate=gold_curve(cfg, inputs, from_dir), resume=r)
-    return stage(name, out, run, resume, wall)
+    tokenizer = run_tokenizer(cfg, run_dir, inputs.corpus) if name == "pretrain" else checkpoint.load_tokenizer(from_dir)
+    stages = {"pretrain": ("pretrain",), "sft": ("sft",), "ppo": ("ppo",),
+              "rm": ("rm",) if inputs.preferences is not None else ("rankings", "rm")}[name]
+    check_inputs(cfg, inputs, tokenizer, stages)
+    calls = stage_calls(cfg, run_dir, inputs, metrics, tokenizer)
+    dirs = {"base": from_dir, "sft": from_dir, "rm": rm_dir, "preferences": run_dir / PREFERENCES_FILE}
+    wall: dict = {}
+    for s in stages:
+        run_stage(s, stage_output(s, run_dir), lambda r, s=s: calls[s](dirs, r), resume, wall)
+    return stage_output(name, run_dir)
 
 
 def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=None) -> dict:
     """`python -m minirlhf eval --ckpt A --ckpt B`: gold ± SE, RM score, KL to the reference."""
-    from .report import evaluate_checkpoints
+    from .evaluate import evaluate_checkpoints
 
     run_dir, inputs, _ = _prepare(cfg, run_dir)
     for d in [*ckpts, ref, rm]:
         if d is not None and not checkpoint.exists(d):
             raise ValueError(f"{d}: not a checkpoint directory")
-    results = evaluate_checkpoints(cfg, {str(c): c for c in ckpts}, rm_dir=rm, ref_dir=ref or ckpts[0],
-                                   inputs=inputs)
-    out = {k: {kk: vv for kk, vv in v.items() if kk != "responses"} for k, v in results.items()}
+    ref = ref or ckpts[0]
+    check_inputs(cfg, inputs, checkpoint.load_tokenizer(ref), ("eval",))
+    results = evaluate_checkpoints({str(c): c for c in ckpts}, rm_dir=rm, ref_dir=ref, prompts=inputs.eval_prompts,
+                                   gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
+                                   seq_len=cfg.pretrain.seq_len, seed=cfg.seed, device=resolve_device(cfg.device))
+    out = {k: {kk: vv for kk, vv in v.items() if kk not in ("responses", "rm_scores")} for k, v in results.items()}
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
     return out

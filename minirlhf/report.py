@@ -1,4 +1,4 @@
-"""The end of a run: evaluate each stage, write report.md, PNG plots and summary.json.
+"""The end of a run: write report.md, PNG plots and summary.json from what evaluate.py measured.
 
 summary.json (keys documented in the README) holds the numbers a script compares runs
 by; report.md shows the same numbers with plots and sample responses for a person.
@@ -7,43 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, monitor
 from .config import RunConfig
 from .device import resolve_device
-from .evaluate import evaluate_policy
 from .metrics import stage_history
-
-
-def evaluate_checkpoints(cfg: RunConfig, checkpoints: dict[str, Path], *, rm_dir, ref_dir, inputs) -> dict:
-    """Each checkpoint on all held-out prompts: gold ± SE, RM score, KL to ref, held-out perplexity."""
-    from .stages.pretrain import stream_loss, token_stream
-
-    device = resolve_device(cfg.device)
-    ec = cfg.eval
-    tokenizer = checkpoint.load_tokenizer(ref_dir)
-    rm = checkpoint.load_model_from(rm_dir, device=device).eval() if rm_dir else None
-    ref = checkpoint.load_model_from(ref_dir, device=device).eval()
-    heldout = token_stream(tokenizer, inputs.corpus_heldout)
-    seq_len = min(cfg.pretrain.seq_len, cfg.model.max_seq_len)
-    results = {}
-    for name, d in checkpoints.items():
-        t0 = time.time()
-        model = checkpoint.load_model_from(d, device=device).eval()
-        r = evaluate_policy(model, tokenizer, inputs.eval_prompts, gold_score=inputs.gold_score, rm=rm, ref=ref,
-                            max_new_tokens=ec.max_new_tokens, temperature=ec.temperature,
-                            batch_size=ec.batch_size, seed=cfg.seed)
-        r["heldout_ppl"] = math.exp(stream_loss(model, heldout, seq_len, 64, 32, device))
-        r["wall_s"] = round(time.time() - t0, 1)
-        results[name] = r
-        gold = f"gold {r['gold_mean']:.3f} ± {r['gold_se']:.3f}, " if "gold_mean" in r else ""
-        print(f"[eval] {name}: {gold}RM {r.get('rm_mean', float('nan')):.3f}, KL to ref {r['kl_mean']:.2f}, "
-              f"perplexity {r['heldout_ppl']:.2f}")
-    return results
 
 
 def _plot_gold(evals: dict, path: Path) -> None:
@@ -67,8 +38,8 @@ def _plot_ppo(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("rm/score/mean", "RM score"), ("gold/score/mean", "gold score (held-out)"),
-              ("ppo/kl_to_ref", "KL to reference (nats/response)"), ("ppo/kl_coef", "KL coefficient β")]
+    panels = [("rm_score", "RM score"), ("gold", "gold score (held-out)"),
+              ("kl_to_ref", "KL to reference (nats/response)"), ("kl_coef", "KL coefficient β")]
     fig, axes = plt.subplots(2, 2, figsize=(8, 5.5))
     for ax, (key, title) in zip(axes.flat, panels):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -81,6 +52,39 @@ def _plot_ppo(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_monitor(rows: list[dict], alarms: list, path: Path) -> None:
+    """The over-optimisation monitor's series (monitor.py), with a line at each warning's first firing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("kl_to_ref", "KL to reference (nats/response)"), ("kl_growth", "KL growth (nats/iteration)"),
+              ("entropy", "policy entropy (nats/token)"), ("response_len", "response length (tokens)"),
+              ("repeat_frac", "share of repeated tokens"), ("rm_score", "RM score"), ("gold", "gold (held-out)")]
+    fig, axes = plt.subplots(2, 4, figsize=(12, 5.2))
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        for a in alarms:
+            ax.axvline(a.iteration, color="#c44e52", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO iteration", fontsize=8)
+    axes.flat[-1].axis("off")
+    axes.flat[-1].text(0, 0.5, "\n".join(f"{a.iteration}: {monitor.LABELS[a.kind]}" for a in alarms) or "no warning",
+                       fontsize=9, color="#c44e52" if alarms else "#555555")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _show_prompt(prompt) -> str:
+    """A prompt for the report: the text, or a conversation's turns as `role: content`."""
+    if isinstance(prompt, str):
+        return prompt
+    return " / ".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
 def _fmt(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
@@ -89,6 +93,8 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
                  total_wall: float) -> dict:
     run_dir = Path(run_dir)
     rm_info = checkpoint.read_meta(rm_dir)["info"] if rm_dir else {}
+    ppo_rows = stage_history(run_dir, "ppo")
+    alarms = monitor.scan(ppo_rows, monitor.Thresholds.of(cfg.ppo))
     summary = {
         "gold": {n: {"mean": e.get("gold_mean"), "se": e.get("gold_se")} for n, e in evals.items()},
         "rm_score": {n: e.get("rm_mean") for n, e in evals.items()},
@@ -96,15 +102,20 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
         "heldout_ppl": {n: e["heldout_ppl"] for n, e in evals.items()},
         "response_len": {n: e["response_len"] for n, e in evals.items()},
         "rm_accuracy": {"vs_annotator": rm_info.get("acc_vs_labels"), "vs_gold": rm_info.get("acc_vs_gold")},
+        "rm_tied_pairs": {"train_dropped": rm_info.get("tied_pairs_dropped", 0),
+                          "heldout_dropped": rm_info.get("tied_pairs", 0)},
+        "truncated_frac": {n: e.get("truncated_frac") for n, e in evals.items()},
         "final_kl_to_ref": evals.get("ppo", {}).get("kl_mean"),
         "eval_prompts": next(iter(evals.values()))["n"] if evals else 0,
+        "monitor_warnings": [{"kind": a.kind, "iteration": a.iteration, "message": a.message} for a in alarms],
         "wall_s": {**wall, "total": round(total_wall, 1)},
         "device": str(resolve_device(cfg.device)),
         "torch_threads": torch.get_num_threads(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_gold(evals, run_dir / "gold_by_stage.png")
-    _plot_ppo(stage_history(run_dir, "ppo"), run_dir / "ppo_curves.png")
+    _plot_ppo(ppo_rows, run_dir / "ppo_curves.png")
+    _plot_monitor(ppo_rows, alarms, run_dir / "monitor.png")
 
     lines = ["# minirlhf run report", "",
              f"{summary['eval_prompts']} held-out prompts, one sample each (temperature {cfg.eval.temperature}); "
@@ -117,13 +128,19 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
                      f"{e['response_len']:.1f} | {e['heldout_ppl']:.2f} |")
     acc = summary["rm_accuracy"]
     lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(acc['vs_annotator'])} against the annotator's "
-              f"rankings, {_fmt(acc['vs_gold'])} against the gold function.", "",
+              f"rankings, {_fmt(acc['vs_gold'])} against the gold function. Pairs whose two responses are identical "
+              f"after framing carry no preference and were left out: {summary['rm_tied_pairs']['train_dropped']} in "
+              f"training, {summary['rm_tied_pairs']['heldout_dropped']} held out.", "",
               "![gold by stage](gold_by_stage.png)", "", "## PPO", "", "![PPO curves](ppo_curves.png)", "",
+              "### Over-optimisation monitor", ""]
+    lines += [f"- **warning** (iteration {a.iteration}): {a.message}" for a in alarms] or [
+        "No warning: the RM score never rose while gold fell, the entropy did not collapse, KL did not accelerate."]
+    lines += ["", "![monitor](monitor.png)", "",
               "## Wall time (s)", "", "| " + " | ".join(summary["wall_s"]) + " |",
               "|" + " --- |" * len(summary["wall_s"]), "| " + " | ".join(str(v) for v in summary["wall_s"].values()) + " |",
               "", "## Samples", ""]
     for i in range(min(cfg.eval.samples_shown, len(prompts))):
-        lines += [f"**{prompts[i]}**", "", "| stage | response |", "| --- | --- |"]
+        lines += [f"**{_show_prompt(prompts[i])}**", "", "| stage | response |", "| --- | --- |"]
         for n, e in evals.items():
             lines.append(f"| {n} | {e['responses'][i].replace('|', '/').replace(chr(10), ' ')} |")
         lines.append("")

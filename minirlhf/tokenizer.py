@@ -40,21 +40,24 @@ def dialogue_text(prompt: str, response: str) -> str:
 def as_messages(prompt: Prompt) -> list[dict]:
     """The prompt as a list of {"role", "content"} messages: a str is one user turn.
 
-    Raises ValueError naming the message when a role is unknown, a content is not a string,
-    a system message is not first, an assistant turn does not follow a user turn, or the
-    conversation does not end with a user turn."""
+    The order every chat template takes (as minirlhf/data/formats checks data files): an
+    optional system message first, then user and assistant turns alternating, starting and
+    ending with a user turn. Raises ValueError naming the first message out of place or malformed."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError(f"prompt: expected a string or a non-empty list of messages, got {type(prompt).__name__}")
+    first = 1 if isinstance(prompt[0], dict) and prompt[0].get("role") == "system" else 0
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"prompt: message {i}: expected {{'role': system|user|assistant, 'content': str}}, "
                              f"got {m!r:.80}")
-        if m["role"] == "system" and i:
-            raise ValueError(f"prompt: message {i}: a system message may only come first")
-        if m["role"] == "assistant" and (i == 0 or prompt[i - 1]["role"] != "user"):
-            raise ValueError(f"prompt: message {i}: an assistant turn must follow a user turn")
+        want = "system" if i < first else ("user", "assistant")[(i - first) % 2]
+        if m["role"] != want:
+            if m["role"] == "system":
+                raise ValueError(f"prompt: message {i}: a system message may only come first")
+            raise ValueError(f"prompt: message {i}: expected the {want} turn here (user and assistant alternate, "
+                             f"after an optional system message), got {m['role']}")
     if prompt[-1]["role"] != "user":
         raise ValueError(f"prompt: the last message must be a user turn, got {prompt[-1]['role']!r}")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
@@ -89,6 +92,9 @@ class ChatTokenizer(ABC):
     @abstractmethod
     def document(self, text: str) -> list[int]:
         """A pretraining document: the model's begin/end markers around encode(text)."""
+
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        return [self.document(t) for t in texts]
 
     @abstractmethod
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -172,6 +178,9 @@ class Tokenizer(ChatTokenizer):
         """A pretraining document: bos text eos."""
         return [BOS_ID] + self.encode(text) + [EOS_ID]
 
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        return [[BOS_ID] + ids + [EOS_ID] for ids in self.encode_batch(texts)]
+
     # ---- chat framing: the one place that turns (prompt, response) into tokens ----
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """bos + "User: {prompt}\\nAssistant:" — what the policy is asked to continue.
@@ -211,3 +220,33 @@ def load_tokenizer(path) -> ChatTokenizer:
     if (path / TOKENIZER_FILE).is_file():
         return Tokenizer.load(path)
     raise ValueError(f"{path}: no tokenizer here (expected {HF_TOKENIZER_FILE} or {TOKENIZER_FILE})")
+
+
+# ---- batches of framed exchanges and documents, as tensors ----
+def frame_batch(tokenizer, pairs, max_len: int):
+    """(tokens, attention_mask, response_mask), each (B, T) with T <= max_len, right-padded.
+
+    Each (prompt, response) is framed by `tokenizer.frame`. An exchange longer than max_len
+    is cut on the left: the end of the prompt and the whole response (with the EOS the
+    reward model reads) are kept; only a response longer than max_len itself loses its start."""
+    import torch
+
+    framed = [tokenizer.frame(p, r) for p, r in pairs]
+    T = min(max_len, max(len(ids) for ids, _ in framed))
+    tokens = torch.full((len(framed), T), tokenizer.pad_id, dtype=torch.long)
+    attn = torch.zeros((len(framed), T), dtype=torch.bool)
+    resp = torch.zeros((len(framed), T), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(framed):
+        ids, mask = ids[-T:], mask[-T:]  # left truncation
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        attn[i, :len(ids)] = True
+        resp[i, :len(ids)] = torch.tensor(mask, dtype=torch.bool)
+    return tokens, attn, resp
+
+
+def token_stream(tokenizer, texts):
+    """The documents packed into one (N,) int64 stream: bos doc eos bos doc eos ... (each as
+    `tokenizer.document` writes it)."""
+    import torch
+
+    return torch.tensor([t for doc in tokenizer.documents(list(texts)) for t in doc], dtype=torch.long)

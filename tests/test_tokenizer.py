@@ -74,8 +74,10 @@ def test_multi_turn_prompt_is_the_exchanges_in_sequence(tok):
     ([], "non-empty list"), ([{"role": "user"}], "message 0"), ([{"role": "bot", "content": "x"}], "message 0"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
      "system message may only come first"),
-    ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "must follow a user turn"),
+    ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "message 0: expected the user turn"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1: expected the assistant turn"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be a user turn"),
+    ([{"role": "system", "content": "a"}], "last message must be a user turn"),
 ])
 def test_bad_conversations(tok, bad, what):
     with pytest.raises(ValueError, match=what):

@@ -32,6 +32,14 @@ class Task:
     eval_prompts: list[str]
     specs: dict[str, Spec] = field(repr=False)
 
+    def knows(self, prompt) -> bool:
+        """Whether prompt is one of the task's prompts (the gold function can judge answers to it)."""
+        return isinstance(prompt, str) and prompt.strip() in self.specs
+
+    def gold_or_none(self, prompt, response: str) -> float | None:
+        """gold_score for a prompt the task knows, None for any other (a user's own prompt)."""
+        return self.gold_score(prompt, response) if self.knows(prompt) else None
+
     def spec(self, prompt: str) -> Spec:
         try:
             return self.specs[prompt.strip()]

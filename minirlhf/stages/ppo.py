@@ -1,39 +1,45 @@
 """Stage 4 — PPO against the frozen reward model, with a per-token KL penalty to the SFT policy.
 
-One iteration (Ouyang et al. 2022 §3.5; Ziegler et al. 2019; Stiennon et al. 2020):
+Read top to bottom, one iteration (Ouyang et al. 2022 §3.5; Ziegler et al. 2019; Stiennon
+et al. 2020; the implementation details follow Huang et al. 2022, "The 37 implementation
+details of PPO", and CleanRL's ppo.py):
 
-  1. rollout    sample a batch of prompts; the policy answers them (KV-cache generation)
-  2. score      the frozen RM scores each response; the policy (old), the frozen
-                reference (SFT) and the critic give per-token log-probs and values
-  3. rewards    r_t = −β · (log π_old − log π_ref)_t  on every response token,
-                + RM score (+ no-EOS penalty) on the last one
-  4. GAE        advantages A_t with GAE(γ, λ), returns = A_t + V_t, whitened advantages
-  5. update     ppo_epochs passes over shuffled minibatches: clipped surrogate, clipped
-                value loss, optional entropy bonus; stop early when approx-KL is too big
-  6. β          the adaptive KL controller moves β towards the target KL
+  1. rollout      sample a batch of prompts; the policy answers them (KV-cache generation)
+  2. score        the frozen RM scores each response at its EOS (reward.py); the policy
+                  (π_old), the frozen reference π_ref (SFT) and the critic give per-token
+                  log-probs and values V(s_t)
+  3. rewards      r_t = −β·(log π_old − log π_ref)_t on every response token, plus the RM
+                  score (and the truncation penalty) on the last one      per_token_rewards
+  4. advantages   GAE(γ, λ) per sequence; returns = A + V; advantage whitening   gae, whiten
+  5. update       ppo_epochs passes over shuffled minibatches: the clipped surrogate (fused
+                  kernel), the clipped value loss, an optional entropy bonus; an epoch
+                  loop stops early when approx-KL to π_old grows too big
+  6. β            the adaptive KL controller moves β towards the target KL
 
 The gold function is never used here: PPO sees only the learned RM, as with human
 labellers. `evaluate` (a callback) may score held-out prompts with gold to draw curves.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from kernels import ppo_loss, token_logprobs
 
-from .. import checkpoint, optim, rollout
+from .. import checkpoint, loop, optim, rollout
 from ..config import PPOConfig, RunConfig
 from ..device import autocast, resolve_device
 from ..generate import generate
 from ..logprobs import response_logits, response_logprobs, response_values
-from ..metrics import Metrics, progress
-from ..model import Transformer
-from .rm import scores
+from ..metrics import Metrics, stage_history
+from ..monitor import Monitor, Thresholds
+from ..reward import score_rollouts
+from ..tokenizer import token_stream
+from .pretrain import random_windows
 
 STAGE = "ppo"
 
@@ -95,24 +101,37 @@ def gae(rewards, values, lengths, gamma: float, lam: float) -> tuple[torch.Tenso
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
-def whiten(x, lengths, shift_mean: bool = True) -> torch.Tensor:
+def whiten(x, lengths, shift_mean: bool = True, *, mean: float | None = None,
+           var: float | None = None) -> torch.Tensor:
     """Advantage whitening over the valid tokens of the batch: (x − mean) / sqrt(var + 1e-8),
     var unbiased, the moments accumulated in float64. shift_mean=False adds the mean back
     (only the scale changes). x: (B, T) float32 with >= 2 valid tokens in all; (B, T) float32.
+    mean, var (floats, both or neither): the statistics to use instead of the batch's own,
+    e.g. those of the whole batch across ranks (rollout.masked_mean_var).
     """
     mask = response_mask(lengths, x.shape[1])
-    valid = x[mask].double()
-    if valid.numel() < 2:
-        raise ValueError(f"whitening needs at least 2 valid tokens, got {valid.numel()}")
-    mean, var = valid.mean(), valid.var(unbiased=True)
-    out = (x.double() - mean) * torch.rsqrt(var + 1e-8)
+    if mean is None and var is None:
+        valid = x[mask].double()
+        if valid.numel() < 2:
+            raise ValueError(f"whitening needs at least 2 valid tokens, got {valid.numel()}")
+        mean, var = valid.mean(), valid.var(unbiased=True)
+    elif mean is None or var is None:
+        raise ValueError("whiten: mean and var go together (the statistics to use)")
+    out = (x.double() - mean) * torch.rsqrt(torch.as_tensor(var, dtype=torch.float64) + 1e-8)
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out.float(), 0.0)
 
 
+
+# what --ppo.bookkeeping torch runs; `cpp` runs the same three functions of minirlhf/rollout.py
+TORCH_BOOKKEEPING = SimpleNamespace(per_token_rewards=per_token_rewards, gae=gae, whiten=whiten)
+
+
 # ---------------------------------------------------------------- KL controllers
 class FixedKLController:
+    """β stays at kl_coef."""
+
     def __init__(self, kl_coef: float):
         self.value = kl_coef
 
@@ -138,162 +157,222 @@ def kl_controller(pc: PPOConfig):
     return FixedKLController(pc.kl_coef)
 
 
-# ---------------------------------------------------------------- the losses
+# ---------------------------------------------------------------- the critic's loss and diagnostics
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def value_loss(values, old_values, returns, mask, value_clip: float):
-    """Clipped value loss (as in OpenAI baselines' PPO2): max of the plain and clipped squared errors."""
+def value_loss(values, old_values, returns, mask, value_clip: float | None):
+    """Clipped value loss (OpenAI baselines' PPO2; Huang et al. 2022, detail 9):
+    0.5 · mean over valid tokens of max((V − R)², (V_old + clip(V − V_old, ±value_clip) − R)²).
+
+    values, old_values, returns, mask: (B, T). Returns (vf_loss, vf_clipfrac): the loss and
+    the fraction of valid tokens where the clipped error was the larger one."""
     err = (values - returns) ** 2
-    if value_clip > 0:
-        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
-        err = torch.max(err, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(err, mask)
+    if value_clip is None:
+        return 0.5 * masked_mean(err, mask), torch.zeros(())
+    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    err_clipped = (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(err, err_clipped), mask), masked_mean((err_clipped > err).float(), mask)
 
 
-def score_rollouts(reward_model: Transformer, gen) -> torch.Tensor:
-    """The RM score of each rollout, read at its last response token (column P + length − 1
-    of the [left-padded prompt | right-padded response] layout)."""
-    tokens, attn = gen.full()
-    last = gen.prompt_tokens.size(1) + gen.lengths - 1
-    return scores(reward_model, tokens, attn, last)
+def explained_variance(values, returns, mask) -> float:
+    """1 − Var(returns − V) / Var(returns) over valid tokens (1 = the critic predicts the
+    returns perfectly, 0 = no better than their mean, < 0 = worse). nan if Var(returns) = 0."""
+    v, r = values[mask.bool()].double(), returns[mask.bool()].double()
+    var_r = r.var(unbiased=False)
+    return float(1 - (r - v).var(unbiased=False) / var_r) if var_r > 0 else float("nan")
+
+
+def ptx_loss(policy, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """PPO-ptx's pretraining term (Ouyang et al. 2022, eq. 2: the objective adds
+    γ · E_{x ~ D_pretrain}[log π(x)]): the policy's mean next-token cross-entropy on windows of
+    the pretraining corpus, −mean_t log π(x_{t+1} | x_≤t), nats/token; the policy loss adds γ times it.
+
+    inputs, targets: (N, L) long, targets = inputs shifted by one (stages/pretrain.random_windows)."""
+    logits = policy(inputs)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 # ---------------------------------------------------------------- the stage
-def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list[str], metrics: Metrics,
-            evaluate=None, resume: bool = False) -> Path:
+def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics: Metrics,
+            evaluate=None, resume: bool = False, pretrain_corpus: list[str] | None = None) -> Path:
     """Optimise the SFT policy against the RM; returns the PPO checkpoint directory.
 
-    evaluate(policy) -> dict, optional: called every eval_every iterations (gold curves)."""
+    evaluate(policy) -> {"gold_mean": float, ...}, optional: called every eval_every
+    iterations (the gold curve of the report; never a reward). pretrain_corpus: the texts
+    PPO-ptx draws its windows from (needed when ppo.ptx_coef > 0)."""
     out_dir, pc = Path(out_dir), cfg.ppo
     device = resolve_device(cfg.device)
     t0 = time.time()
-    if not prompts:
-        raise ValueError("ppo: no training prompts")
     tokenizer = checkpoint.load_tokenizer(sft_dir)
-    resuming = resume and checkpoint.exists(out_dir)
-    policy = checkpoint.load_model_from(out_dir if resuming else sft_dir, device=device)
-    reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
-    reward_model = checkpoint.load_model_from(rm_dir, device=device).eval().requires_grad_(False)
     # The critic starts as a copy of the RM (InstructGPT): its trunk already reads how good a
     # response is and its head already outputs the reward's scale, so the first value estimates
     # are near the returns and the first advantages are not dominated by critic error.
-    critic = checkpoint.load_model_from(out_dir if resuming else rm_dir, name="critic" if resuming else "model",
-                                        device=device)
-    policy_opt = optim.make_optimizer(policy, pc.lr, 0.0)
-    critic_opt = optim.make_optimizer(critic, pc.critic_lr, 0.0)
     kl_ctl = kl_controller(pc)
-    iteration = 0
-    if resuming:
-        state = checkpoint.load_state(out_dir)
-        policy_opt.load_state_dict(state["optimizer"])
-        critic_opt.load_state_dict(state["critic_optimizer"])
-        kl_ctl.value = state["kl_coef"]
-        checkpoint.set_rng_state(state["rng"])
-        iteration = state["step"]
-
-    def save(finished: bool, info=None):
-        checkpoint.save(out_dir, stage=STAGE, model=policy, tokenizer=tokenizer, step=iteration, finished=finished,
-                        extra_models={"critic": critic}, info=info,
-                        state={"optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
-                               "kl_coef": kl_ctl.value})
-
-    print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts")
-    metrics.log(STAGE, iteration, event="start")
-    bar = progress(pc.iterations, "ppo", initial=iteration)
+    run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer, names=("model", "critic"),
+                          init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device),
+                                        "critic": checkpoint.load_model_from(rm_dir, device=device)},
+                          # one AdamW over both: one backward and one step per minibatch (two lrs, two clipped norms)
+                          optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, 0.0,
+                                                                              also=((m["critic"], pc.critic_lr),))},
+                          extra_state=lambda: {"kl_coef": kl_ctl.value})
+    policy, critic, optimizer = run.models["model"], run.models["critic"], run.optimizers["model"]
+    if run.state is not None:
+        kl_ctl.value = run.state["kl_coef"]
+    reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
+    reward_model = checkpoint.load_model_from(rm_dir, device=device).eval().requires_grad_(False)
+    bookkeeping = rollout if pc.bookkeeping == "cpp" else TORCH_BOOKKEEPING
     last_eval: dict = {}
-    while iteration < pc.iterations:
+    ptx_stream = None
+    if pc.ptx_coef > 0:  # PPO-ptx: windows of the pretraining corpus, as the pretrain stage draws them
+        ptx_stream = token_stream(tokenizer, pretrain_corpus or [])
+        if len(ptx_stream) < cfg.pretrain.seq_len + 2:
+            raise ValueError(f"config: ppo.ptx_coef={pc.ptx_coef}: the pretraining corpus has {len(ptx_stream)} "
+                             f"tokens, fewer than one window of pretrain.seq_len={cfg.pretrain.seq_len} + 2")
+    history = [r for r in stage_history(metrics.path.parent, STAGE) if r["step"] <= run.step]  # resumed: so far
+    monitor = Monitor(Thresholds.of(pc), history)
+    print(f"[ppo] {len(prompts)} prompts, {pc.iterations} iterations x {pc.batch_size} rollouts"
+          + (f", PPO-ptx γ={pc.ptx_coef}" if ptx_stream is not None else ""))
+
+    def train_step(iteration: int) -> dict:
+        timer = PhaseTimer()
         it_rng = random.Random(cfg.seed * 1_000_003 + iteration)  # the same batch again after a resume
         batch_prompts = [prompts[it_rng.randrange(len(prompts))] for _ in range(pc.batch_size)]
 
-        # 1. rollout ---------------------------------------------------------------
+        # 1. rollout: the policy answers the batch (left-padded prompts | right-padded responses)
         policy.eval()
         gen = generate(policy, [tokenizer.prompt_ids(p) for p in batch_prompts], max_new_tokens=pc.max_new_tokens,
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=pc.temperature,
                        generator=torch.Generator(device=device).manual_seed(cfg.seed + iteration))
         tokens, attn = gen.full()
-        P, mask = gen.prompt_tokens.size(1), gen.mask.float()
-        labels = gen.tokens
+        P, mask, labels = gen.prompt_tokens.size(1), gen.mask.float(), gen.tokens
+        timer.lap("generate")
 
-        # 2. score: RM at the last token, old/ref log-probs and values per token -------
+        # 2. score: RM score at each response's EOS; log π_old, log π_ref and V(s_t) per token
         with torch.no_grad(), autocast(device):
-            rm_score = score_rollouts(reward_model, gen)
-            old_logprobs = response_logprobs(policy, tokens, attn, P, pc.temperature) * mask
+            rm_score = score_rollouts(reward_model, gen, tokenizer.eos_id).float()
+            # log π_old: generation computed it already, under the sampling temperature; in fp32 (CPU) that is the
+            # training forward's number to ~1e-6, so it is reused; under bf16 autocast (CUDA) it is recomputed
+            reuse = device.type == "cpu"
+            old_logprobs = (gen.logprobs if reuse else response_logprobs(policy, tokens, attn, P, pc.temperature)) * mask
             ref_logprobs = response_logprobs(reference, tokens, attn, P, pc.temperature) * mask
             old_values = response_values(critic, tokens, attn, P) * mask
+        timer.lap("score")
 
-        # 3. rewards: r_t = −β·KL_t on every token, + RM score (+ no-EOS penalty) at the last
-        #    (C++ rollout buffer, minirlhf/rollout.py; CPU arrays, zero copy)
+        # 3. rewards: r_t = −β·KL_t on every token; RM score (+ truncation penalty) on the last
         lengths = gen.lengths.cpu()
-        kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate log π_old − log π_ref
-        rewards = rollout.assemble_rewards(old_logprobs.cpu(), ref_logprobs.cpu(), rm_score.float().cpu(), lengths,
-                                           kl_ctl.value, hit_max=gen.truncated.cpu(), no_eos_penalty=pc.no_eos_penalty,
-                                           reward_clip=pc.reward_clip or None)
-        # 4. GAE(γ, λ) per sequence over its true length; returns = A + V; advantage whitening
-        advantages, returns = rollout.gae(rewards, old_values.cpu(), lengths, pc.gamma, pc.lam)
-        if pc.whiten_advantages:
-            advantages = rollout.whiten(advantages, lengths)
+        rewards = bookkeeping.per_token_rewards(
+            old_logprobs.cpu(), ref_logprobs.cpu(), rm_score.cpu(), lengths, kl_ctl.value,
+            truncated=gen.truncated.cpu(), truncation_penalty=pc.truncation_penalty, reward_clip=pc.reward_clip)
+        # 4. advantages: GAE(γ, λ) per sequence over its true length; returns = A + V (the critic's target)
+        advantages, returns = bookkeeping.gae(rewards, old_values.cpu(), lengths, pc.gamma, pc.lam)
+        raw_adv_mean, raw_adv_std = _masked_mean_std(advantages, mask.cpu())
+        if pc.whiten_advantages:  # advantage normalisation (Huang et al. 2022, detail 7), batch level
+            advantages = bookkeeping.whiten(advantages, lengths)
         advantages, returns = advantages.to(device), returns.to(device)
+        timer.lap("bookkeeping")
 
-        # 5. PPO epochs over shuffled minibatches ----------------------------------------
+        # 5. PPO epochs over shuffled minibatches
         policy.train()
         critic.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "approx_kl", "clipfrac", "entropy")}
+        stats: dict[str, list[float]] = {k: [] for k in (
+            "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max")
+            + (("ptx_loss",) if ptx_stream is not None else ())}
         early_stop = False
+        ptx_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)  # PPO-ptx windows, same on resume
         for epoch in range(pc.ppo_epochs):
             mb_seed = (cfg.seed * 1_000_003 + iteration) * 97 + epoch  # reshuffled every epoch, same on resume
             for idx in rollout.minibatches(pc.batch_size, pc.minibatch_size, mb_seed):
-                idx = torch.from_numpy(idx).to(device)
-                mb_tokens, mb_attn, mb_mask = tokens[idx], attn[idx], mask[idx]
+                idx = torch.as_tensor(idx, device=device)
+                # the minibatch without the columns that are padding in all its rows
+                cols, resp, mb_P = _unpadded(gen.prompt_mask[idx], gen.lengths[idx], P)
+                mb_tokens, mb_attn = tokens[idx][:, cols], attn[idx][:, cols]
+                mb_mask, mb_labels, mb_old = mask[idx][:, resp], labels[idx][:, resp], old_logprobs[idx][:, resp]
                 with autocast(device):
-                    logits = response_logits(policy, mb_tokens, mb_attn, P)
-                    # clipped surrogate objective (Schulman et al. 2017, eq. 7), token-mean, fused kernel
-                    pl, ps = ppo_loss(logits, labels[idx], old_logprobs[idx], advantages[idx], mb_mask,
-                                      clip_eps=pc.clip_eps, temperature=pc.temperature)
-                    if pc.entropy_coef > 0:  # entropy bonus
-                        _, entropy = token_logprobs(logits, labels[idx], pc.temperature, return_entropy=True)
-                        pl = pl - pc.entropy_coef * masked_mean(entropy, mb_mask)
-                    values = response_values(critic, mb_tokens, mb_attn, P)
-                    vl = value_loss(values, old_values[idx], returns[idx], mb_mask, pc.value_clip)
-                optim.step(policy_opt, policy, pl, pc.grad_clip)
-                optim.step(critic_opt, critic, vl, pc.grad_clip)
-                for k, v in (("policy", pl), ("value", vl), ("approx_kl", ps.approx_kl),
-                             ("clipfrac", ps.clipfrac), ("entropy", ps.entropy)):
+                    logits = response_logits(policy, mb_tokens, mb_attn, mb_P)
+                    # clipped surrogate objective L^CLIP (Schulman et al. 2017, eq. 7), token mean, one fused
+                    # kernel over the logits: ratio = π/π_old, pg_loss = max(−A·ratio, −A·clip(ratio, 1 ± ε))
+                    pg_loss, ps = ppo_loss(logits, mb_labels, mb_old, advantages[idx][:, resp], mb_mask,
+                                           clip_eps=pc.clip_eps, temperature=pc.temperature)
+                    if pc.entropy_coef > 0:  # entropy bonus (Schulman et al. 2017, eq. 9)
+                        _, entropy = token_logprobs(logits, mb_labels, pc.temperature, return_entropy=True)
+                        pg_loss = pg_loss - pc.entropy_coef * masked_mean(entropy, mb_mask)
+                    values = response_values(critic, mb_tokens, mb_attn, mb_P)
+                    vf_loss, vf_clipfrac = value_loss(values, old_values[idx][:, resp], returns[idx][:, resp], mb_mask,
+                                                      pc.value_clip)
+                    losses = {"pg_loss": pg_loss, "vf_loss": vf_loss}
+                    if ptx_stream is not None:  # PPO-ptx: + γ · LM loss on pretraining text (InstructGPT eq. 2)
+                        x, y = random_windows(ptx_stream, pc.ptx_batch_size, cfg.pretrain.seq_len, ptx_rng)
+                        ptx = ptx_loss(policy, x.to(device), y.to(device))
+                        losses["ptx_loss"] = pc.ptx_coef * ptx
+                        stats["ptx_loss"].append(float(ptx.detach()))
+                optim.step(optimizer, [policy, critic], losses, pc.grad_clip)
+                with torch.no_grad():  # the probability ratio, for the diagnostics
+                    new_logprobs = token_logprobs(logits.detach(), mb_labels, pc.temperature)
+                    ratio = (new_logprobs - mb_old).exp()[mb_mask.bool()]
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", ps.approx_kl),
+                             ("clipfrac", ps.clipfrac), ("vf_clipfrac", vf_clipfrac), ("entropy", ps.entropy),
+                             ("ratio_mean", ratio.mean()), ("ratio_max", ratio.max())):
                     stats[k].append(float(v.detach()))
-                if ps.approx_kl > pc.max_approx_kl:
+                if pc.max_approx_kl is not None and ps.approx_kl > pc.max_approx_kl:
                     early_stop = True  # the policy moved too far from the one that collected the data
                     break
             if early_stop:
                 break
+        timer.lap("update")
 
-        # 6. adaptive KL coefficient -------------------------------------------------------
-        kl_per_response = kl.sum(1).mean().item()
-        kl_ctl.update(kl_per_response, pc.batch_size)
-        iteration += 1
+        # 6. adaptive KL coefficient: the controller sees this batch's KL to the reference
+        kl_to_ref = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()
+        kl_ctl.update(kl_to_ref, pc.batch_size)
 
-        row = {"ppo/loss/policy": _mean(stats["policy"]), "ppo/loss/value": _mean(stats["value"]),
-               "ppo/approx_kl": _mean(stats["approx_kl"]), "ppo/clipfrac": _mean(stats["clipfrac"]),
-               "ppo/entropy": _mean(stats["entropy"]), "ppo/kl_to_ref": kl_per_response,
-               "ppo/kl_coef": kl_ctl.value, "ppo/returns/mean": masked_mean(returns, mask).item(),
-               "ppo/advantages/mean": masked_mean(advantages, mask).item(),
-               "ppo/response_len": gen.lengths.float().mean().item(), "ppo/early_stop": float(early_stop),
-               "rm/score/mean": rm_score.mean().item()}
-        if evaluate is not None and pc.eval_every and (iteration % pc.eval_every == 0 or iteration == pc.iterations):
-            last_eval = evaluate(policy)
-            row["gold/score/mean"] = last_eval["gold_mean"]
-        metrics.log(STAGE, iteration, **row)
-        bar.set_postfix(rm=f"{row['rm/score/mean']:.2f}", kl=f"{kl_per_response:.2f}", beta=f"{kl_ctl.value:.3f}",
-                        **({"gold": f"{last_eval['gold_mean']:.3f}"} if last_eval else {}))
-        bar.update(1)
-        if iteration % 10 == 0 and iteration < pc.iterations:
-            save(finished=False)
-    bar.close()
+        row = {k: sum(v) / len(v) for k, v in stats.items() if k != "ratio_max"}
+        row.update(ratio_max=max(stats["ratio_max"]), kl_to_ref=kl_to_ref, kl_coef=kl_ctl.value,
+                   rm_score=rm_score.mean().item(), advantages_mean=raw_adv_mean, advantages_std=raw_adv_std,
+                   returns_mean=masked_mean(returns, mask).item(),
+                   explained_variance=explained_variance(old_values, returns, mask),
+                   response_len=gen.lengths.float().mean().item(), truncated_frac=gen.truncated.float().mean().item(),
+                   early_stop=float(early_stop), **timer.laps)
+        if evaluate is not None and pc.eval_every is not None and (
+                (iteration + 1) % pc.eval_every == 0 or iteration + 1 == pc.iterations):
+            last_eval.update(evaluate(policy))
+            if "gold_mean" in last_eval:
+                row["gold"], row["gold_se"] = last_eval["gold_mean"], last_eval["gold_se"]
+        # the over-optimisation monitor (minirlhf/monitor.py): KL growth, repeats, warnings
+        row.update(monitor.observe(iteration + 1, row, gen.tokens, gen.mask, tokenizer.eos_id))
+        return row
+
+    iteration = loop.loop(STAGE, run.step, pc.iterations, train_step, run.save, metrics, save_every=pc.save_every,
+                          show=("rm_score", "kl_to_ref", "kl_coef", "gold", "warning"))
     info = {"iterations": iteration, "kl_coef": kl_ctl.value, "wall_s": round(time.time() - t0, 1)}
-    save(finished=True, info=info)
+    loop.finish(out_dir, run.save, iteration, info, stage=STAGE)
     print(f"[ppo] done in {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
+def _unpadded(prompt_mask, lengths, P: int):
+    """(columns, response columns, prompt width) of a minibatch without its all-padding columns:
+    the leading prompt columns no row uses and the response columns past its longest response."""
+    first = int((~prompt_mask).all(0).sum())  # prompts are left-padded: a prefix of empty columns
+    R = int(lengths.max())
+    return slice(first, P + R), slice(0, R), P - first
+
+
+def _masked_mean_std(x, mask) -> tuple[float, float]:
+    v = x[mask.bool()].double()
+    return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
+
+
+class PhaseTimer:
+    """Wall time of each phase of an iteration, as time/<phase> seconds (synchronising CUDA)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.laps[f"time/{phase}"] = now - self.t
+        self.t = now

@@ -1,0 +1,79 @@
+"""Best-of-n against the reward model, the cheap baseline RL is compared with (Gao et al. 2022):
+sample n responses from the SFT policy, keep the one the RM scores highest.
+
+One pool of N = max(ns) samples per held-out prompt is drawn once, scored by the RM and by
+gold (gold for evaluation only), and every n is read off that pool with the unbiased
+estimator of stats.best_of_n_expectation; its KL to the SFT policy is the analytic
+log n − (n − 1)/n (stats.best_of_n_kl).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .. import checkpoint
+from ..device import resolve_device
+from ..evaluate import mean_se
+from ..generate import sample_responses
+from ..reward import score_texts
+from .stats import best_of_n_expectation, best_of_n_kl
+
+RESULT_FILE = "best_of_n.json"
+
+
+def powers_of_two(n_max: int) -> list[int]:
+    """1, 2, 4, ... up to n_max (n_max itself included when it is not a power of two)."""
+    ns, n = [], 1
+    while n < n_max:
+        ns.append(n)
+        n *= 2
+    return ns + [n_max]
+
+
+def curve(rm_scores: list[list[float]], golds: list[list[float]], ns: list[int]) -> list[dict]:
+    """Per n: {"n", "kl", "sqrt_kl", "gold_mean", "gold_se", "rm_mean", "rm_se"}, the means and
+    standard errors over prompts of the best-of-n estimates. rm_scores, golds: per prompt, the
+    pool's RM scores and gold scores (same length N >= max(ns))."""
+    out = []
+    for n in ns:
+        gold = [best_of_n_expectation(r, g, n) for r, g in zip(rm_scores, golds)]
+        rm = [best_of_n_expectation(r, r, n) for r in rm_scores]
+        (gm, gse), (rmm, rmse) = mean_se(gold), mean_se(rm)
+        kl = best_of_n_kl(n)
+        out.append({"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "gold_mean": gm, "gold_se": gse,
+                    "rm_mean": rmm, "rm_se": rmse})
+    return out
+
+
+def run_best_of_n(cfg, run_dir, *, prompts: list, gold_score, n_max: int) -> dict:
+    """Best-of-n of run_dir's SFT policy (the base with --skip-sft) against its RM; writes and
+    returns run_dir/best_of_n.json ({"ns", "curve", "prompts", "n_max"}). A finished result is
+    read back, not recomputed.
+
+    prompts: held-out prompts the gold function knows; gold_score(prompt, response) -> float.
+    The pool is sampled at eval.temperature (1 where evaluation is greedy: best-of-n needs
+    distinct samples)."""
+    run_dir = Path(run_dir)
+    out = run_dir / RESULT_FILE
+    if out.exists():
+        return json.loads(out.read_text())
+    device = resolve_device(cfg.device)
+    policy_dir = run_dir / ("pretrain" if cfg.skip_sft else "sft")
+    tokenizer = checkpoint.load_tokenizer(policy_dir)
+    policy = checkpoint.load_model_from(policy_dir, device=device).eval()
+    rm = checkpoint.load_model_from(run_dir / "rm", device=device).eval()
+    pools = sample_responses(policy, tokenizer, prompts, n=n_max, max_new_tokens=cfg.eval.max_new_tokens,
+                             temperature=cfg.eval.temperature or 1.0, batch_size=cfg.rm.sample_batch_size,
+                             seed=cfg.seed * 1_000_003 + 17, desc="best-of-n samples")
+    flat_p = [p for p, pool in zip(prompts, pools) for _ in pool]
+    flat_r = [r for pool in pools for r in pool]
+    scores = score_texts(rm, tokenizer, flat_p, flat_r, cfg.model.max_seq_len).tolist()
+    rm_scores = [scores[i * n_max:(i + 1) * n_max] for i in range(len(prompts))]
+    golds = [[gold_score(p, r) for r in pool] for p, pool in zip(prompts, pools)]
+    ns = powers_of_two(n_max)
+    result = {"n_max": n_max, "ns": ns, "prompts": len(prompts), "curve": curve(rm_scores, golds, ns)}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    return result

@@ -1,0 +1,131 @@
+"""The README section "What the experiments show", rendered from the experiments' JSON:
+
+    python -m minirlhf.experiments.readme runs/experiments-quick --images docs/experiments > section.md
+
+Every table is recomputed from OUT/*/experiment.json (the arms' numbers), the plots are
+redrawn into --images (plus one figure that puts kl-sweep's PPO runs and best-of-n on the
+same gold-vs-√KL axes), and each question gets a placeholder for its answer, to be written
+from the numbers. Nothing here measures anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import plots
+from .definitions import EXPERIMENTS, Options, best_of_n_stats, by_variant, final_point, gold_trajectory
+
+SECTIONS = [  # (experiment, heading, the question it answers, what to read the answer from)
+    ("sft-ablation", "1. Skipping SFT", 0,
+     "compare no-SFT with full SFT at each base alignment (the Δ table): final gold, RM accuracy against gold, the "
+     "share of ranked pairs below the annotator's noise, and the SD across seeds (PPO's stability)"),
+    ("sft-ablation", "2. Light SFT, and a base that is already partly aligned", 1,
+     "compare light with full SFT (final gold, perplexity), and no-SFT with full SFT at base alignment 0.8"),
+    ("kl-sweep", "3. What the KL penalty buys", 0,
+     "final gold against β, RM score against KL, gold against √KL (does gold fall while the RM score rises?), the "
+     "monitor's warnings, and the β = 0 samples"),
+    ("ptx", "4. PPO-ptx and forgetting", 0,
+     "Δ perplexity and Δ gold against γ = 0, with their SEs"),
+    ("iterate", "5. Another round", 0, "Δ gold of round 2 against round 1, and the RMs' accuracy against gold"),
+    ("best-of-n", "Best-of-n, the baseline PPO is measured against", 0,
+     "gold of best-of-n against PPO at the same √KL (the figure puts them on the same axes)"),
+]
+
+
+def load(out: Path) -> dict[str, dict]:
+    docs = {}
+    for name in EXPERIMENTS:
+        path = out / name / "experiment.json"
+        if path.exists():
+            docs[name] = json.loads(path.read_text())
+    return docs
+
+
+def _options(doc: dict, out: Path) -> Options:
+    return Options(seeds=tuple(doc["seeds"]), rounds=doc.get("rounds", 2), n_max=doc.get("n_max", 64),
+                   exp_dir=out / doc["experiment"])
+
+
+def overoptimisation_figure(docs: dict, path: Path) -> Path | None:
+    """Gold against √KL: every kl-sweep arm over PPO (and its final evaluation) and best-of-n."""
+    series = []
+    if "kl-sweep" in docs:
+        for v, recs in by_variant(docs["kl-sweep"]["arms"]).items():
+            series += [(f"PPO {v}", *gold_trajectory(recs), "line"), final_point(f"PPO {v} (final)", recs)]
+    if "best-of-n" in docs:
+        bon = best_of_n_stats(docs["best-of-n"]["arms"])
+        series.append(("best-of-n", [p["sqrt_kl"] for p in bon], [p["gold"]["mean"] for p in bon],
+                       [p["gold"]["se"] for p in bon], "dashed"))
+    if not series:
+        return None
+    return plots.figure(path, [plots.Lines("gold against √KL to SFT: PPO (each β) and best-of-n",
+                                           "√KL to SFT (nats^½)", "gold (held-out)", series)])
+
+
+def render(out: Path, images: Path | None = None, image_prefix: str | None = None) -> str:
+    """The section's markdown. images: a directory to draw the plots into (linked as
+    image_prefix/<file>, default the images path itself); None: no plots."""
+    docs = load(out)
+    if not docs:
+        raise ValueError(f"{out}: no experiment.json under it; run `python -m minirlhf experiment all` first")
+    prefix = image_prefix or (str(images) if images else "")
+    any_doc = next(iter(docs.values()))
+    m = any_doc["machine"]
+    seeds = sorted({s for d in docs.values() for s in d["seeds"]})
+    total = sum(d["wall_s"] for d in docs.values())
+    lines = ["## What the experiments show", "",
+             f"Measured with `python -m minirlhf experiment all` (preset `{any_doc['preset']}`"
+             f"{', --smoke sizes' if any_doc['smoke'] else ''}, seeds {', '.join(map(str, seeds))}) on "
+             f"{any_doc['device']} ({m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} "
+             f"threads). The arms of the {len(docs)} experiments ran for {total / 60:.0f} min in all (stages shared "
+             f"between arms ran once). ± is the standard error across seeds; * marks a difference beyond 2 SE — a "
+             f"difference without * is not significant across seeds. Every number comes from "
+             f"`{out}/*/experiment.json`; each experiment's own report is `{out}/NAME/experiment.md`.", ""]
+    lines += ["| experiment | arms | arm time (min) |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {len(d['arms'])} | {d['wall_s'] / 60:.1f} |" for n, d in docs.items()]
+    lines.append(f"| all | {sum(len(d['arms']) for d in docs.values())} | {total / 60:.1f} |")
+    shown: set[str] = set()
+    overopt = None
+    if images:
+        images.mkdir(parents=True, exist_ok=True)
+        overopt = overoptimisation_figure(docs, images / "overoptimisation.png")
+    for name, heading, qi, hint in SECTIONS:
+        if name not in docs:
+            continue
+        doc = docs[name]
+        lines += ["", f"### {heading}", "", f"> {doc['questions'][qi]}", ""]
+        if name in shown:
+            lines.append(f"The numbers are the `{name}` tables above.")
+        else:
+            shown.add(name)
+            md, _, panels = EXPERIMENTS[name].report(doc["arms"], _options(doc, out))
+            lines += md
+            if images:
+                for fname, p in panels.items():
+                    plots.figure(images / fname, p, title=name)
+                    lines += ["", f"![{name}]({prefix}/{fname})"]
+                if overopt and name in ("kl-sweep", "best-of-n"):
+                    lines += ["", f"![gold against √KL: PPO and best-of-n]({prefix}/{overopt.name})"]
+        lines += ["", f"**Answer.** _(to be written from the measured numbers: {hint}.)_"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minirlhf.experiments.readme", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="the experiments' directory (the --out of `python -m minirlhf experiment`)")
+    p.add_argument("--images", default=None, help="directory to draw the plots into (e.g. docs/experiments)")
+    p.add_argument("--image-prefix", default=None, help="how the README links that directory (default: --images)")
+    args = p.parse_args(argv)
+    try:
+        sys.stdout.write(render(Path(args.out), Path(args.images) if args.images else None, args.image_prefix))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

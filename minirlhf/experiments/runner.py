@@ -1,0 +1,85 @@
+"""`python -m minirlhf experiment NAME`: run an experiment's arms, then write experiment.md,
+experiment.json (every number) and the PNG plots into OUT/NAME/."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, replace
+from ..device import resolve_device
+from . import plots
+from .arms import run_arms
+from .definitions import EXPERIMENTS, Options, by_variant, scalar_stats
+
+# `experiment all`: this order lets each experiment reuse the most finished stages of the ones before
+ALL_ORDER = ("kl-sweep", "ptx", "best-of-n", "iterate", "sft-ablation")
+
+
+def experiment_config(cfg: RunConfig, smoke: bool) -> RunConfig:
+    """The experiments' common starting point: a preset with 8 gold evaluations per PPO run (the
+    curves); --smoke: a few PPO iterations, gold every 2, monitor windows of 2 (seconds per arm)."""
+    if smoke:
+        return replace(cfg, ppo={"iterations": 6, "eval_every": 2, "monitor_window": 2})
+    return replace(cfg, ppo={"eval_every": max(1, cfg.ppo.iterations // 8)})
+
+
+def check_embedded_task(cfg: RunConfig) -> None:
+    """The experiments measure gold, which only the embedded task has: no --data.* files."""
+    given = [f.name for f in fields(cfg.data) if getattr(cfg.data, f.name) is not None]
+    if given:
+        raise ValueError(f"config: data.{given[0]}: experiments measure every arm with the embedded task's gold "
+                         f"judge; they run on the embedded task only (drop the --data.* options)")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64,
+                   preset: str = "quick", smoke: bool = False) -> dict:
+    """Run (or resume) experiment `name` under out_root/name; returns the experiment.json document.
+
+    seeds: arms per variant, seeded cfg.seed, cfg.seed + 1, ...; rounds: iterate's rounds; n_max:
+    best-of-n's largest n. ValueError (before any compute) for --data.* files (gold needs the
+    embedded task) or an arm directory that holds a run of another configuration."""
+    check_embedded_task(cfg)
+    exp = EXPERIMENTS[name]
+    out_root = Path(out_root)
+    exp_dir = out_root / name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    opts = Options(seeds=tuple(cfg.seed + i for i in range(seeds)), rounds=rounds, n_max=n_max, exp_dir=exp_dir)
+    arms = exp.arms(cfg, opts)
+    t0 = time.time()
+    records = run_arms(name, arms, exp_dir, out_root, run=lambda a, d: exp.run(a, d, opts),
+                       measure=lambda a, d: exp.measure(a, d, opts))
+    lines, extra, panels = exp.report(records, opts)
+    images = [plots.figure(exp_dir / fname, p, title=name).name for fname, p in panels.items()]
+    doc = {
+        "experiment": name, "questions": list(exp.questions), "preset": preset, "smoke": smoke,
+        "seeds": list(opts.seeds), **({"rounds": rounds} if name == "iterate" else {}),
+        **({"n_max": n_max} if name == "best-of-n" else {}),
+        "device": str(resolve_device(cfg.device)), "machine": machine(),
+        "wall_s": round(sum(r["wall_s"] for r in records), 1), "wall_s_this_run": round(time.time() - t0, 1),
+        "plots": images, "arms": records,
+        "aggregate": {v: {"params": recs[0]["params"], **scalar_stats(recs)} for v, recs in by_variant(records).items()},
+        **extra,
+    }
+    (exp_dir / "experiment.json").write_text(json.dumps(doc, indent=1))
+    md = [f"# Experiment `{name}`", ""] + [f"> {q}" for q in exp.questions] + [
+        "", f"Preset `{preset}`{' (--smoke sizes)' if smoke else ''}, seeds {', '.join(map(str, opts.seeds))}, "
+        f"device {doc['device']} ({doc['machine']['processor']}, {doc['machine']['cpu_count']} cores, torch "
+        f"{doc['machine']['torch']}). Arms ran for {doc['wall_s'] / 60:.1f} min in all (stages shared with other "
+        f"arms were linked, not rerun). Every number is also in experiment.json.", ""]
+    md += lines + [""] + [f"![{i}]({i})" for i in images] + ["", "## Arms", ""]
+    md += ["| arm | seed | run directory | wall time (s) |", "| --- | --- | --- | --- |"]
+    md += [f"| {r['variant']} | {r['seed']} | [{r['dir']}]({r['dir']}/report.md) | {r['wall_s']} |" for r in records]
+    (exp_dir / "experiment.md").write_text("\n".join(md) + "\n")
+    print(f"[experiment {name}] done: {exp_dir / 'experiment.md'}")
+    return doc

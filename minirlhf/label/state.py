@@ -1,0 +1,334 @@
+"""Who labels what: prompts handed to browser sessions, judgements validated and turned into
+preference rows, undo, progress. No HTTP here; server.py calls these under one lock.
+
+An *item* is one prompt with its responses (K for ranking; [A's, B's] for --compare). Each
+item needs one judgement, two if it is among the overlapped fraction (--overlap F: the same
+round(F * N) items for a given --seed). A *session* (one browser) holds at most one item at
+a time; it is offered the first item it has not judged that is not full, counting the
+judgements written and the other sessions' holds. A skip fills the slot like a judgement
+(the prompt was seen and declined) and is written as a row that carries no preference.
+
+The page sees responses in a per-(session, item) random order, so position bias does not
+become preference; a judgement names display positions and is mapped back here. Rows:
+
+    rank     {"prompt", "responses", "ranking": best first}             no ties
+             {"prompt", "responses", "ratings": [7, 6, 6, 5 ...]}       ties (equal ratings)
+    compare  {"prompt", "responses": [A's, B's], "ratings": [7, 6] | [6, 7] | [7, 7],
+              "winner": "A" | "B" | "tie", "models": [A, B]}
+    skipped  {"prompt", "responses", "ratings": [4] * K, "skipped": true}
+    all with "item", "annotator", "shown" (response indices in display order),
+    "seconds" (from showing to judging) and "time" (UTC).
+
+`read_preferences` reads every row shape above: ties and skips drop out as pairs.
+"""
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .sampling import DataError
+from .stats import win_rate
+
+K_MIN, K_MAX = 2, 8  # 8: any tie pattern then fits the 7 rating levels of the ratings row
+RATING_BEST, RATING_SKIP = 7, 4
+SESSION_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+HOLD_SECONDS = 3600.0  # a hold older than this (a tab left open) may go to another session
+
+
+class BadRequest(ValueError):
+    """A request the server answers with 400 and that changes nothing."""
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    responses: tuple[str, ...]
+
+
+@dataclass
+class _Hold:
+    item: int
+    order: list[int]   # display position -> response index
+    since: float       # clock() when first shown
+
+
+@dataclass
+class _Session:
+    rows: list[int] = field(default_factory=list)   # row ids in the order written (undo pops)
+    hold: _Hold | None = None
+
+
+def ratings_from(ranking: list[int], ties: list[bool]) -> list[int]:
+    """Ratings 7, 6, ... by tie group, best first: ties[i] means ranking[i] and ranking[i+1]
+    are equally good. With K <= 8 there are at most 7 groups once one tie is marked."""
+    out = [0] * len(ranking)
+    level = RATING_BEST
+    for pos, idx in enumerate(ranking):
+        if pos and not ties[pos - 1]:
+            level -= 1
+        out[idx] = level
+    return out
+
+
+def overlapped(n_items: int, fraction: float, seed: int) -> set[int]:
+    """The round(fraction * n) items that go to two annotators: a seeded sample, the same on restart."""
+    return set(random.Random(f"overlap/{seed}").sample(range(n_items), round(fraction * n_items)))
+
+
+def check_rows(store, prompts: list[str], *, mode: str, models: list[str] | None = None,
+               responses: list[tuple[str, ...]] | None = None) -> dict[int, tuple[str, ...]]:
+    """Check the rows an earlier run left in the labels file against this run's prompts (and
+    responses, when given): the responses each judged item was shown, by item index. Raises
+    DataError (file:line: field: what) for a row that belongs to another labelling run."""
+    known: dict[int, tuple[str, ...]] = {}
+    seen = set()
+    for row_id, row in store.rows:
+        where = f"{store.path}:{store.line_of[row_id]}"
+
+        def bad(fld, what):
+            return DataError(f"{where}: {fld}: {what}; this --out belongs to another labelling run, use a new one")
+        item = row.get("item")
+        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < len(prompts):
+            raise bad("item", f"expected a prompt index 0..{len(prompts) - 1}, got {item!r}")
+        if row.get("prompt") != prompts[item]:
+            raise bad("prompt", f"differs from prompt {item} of this run")
+        resp = row.get("responses")
+        if not isinstance(resp, list) or not all(isinstance(r, str) for r in resp) \
+                or not K_MIN <= len(resp) <= K_MAX:
+            raise bad("responses", f"expected {K_MIN} to {K_MAX} strings")
+        resp = tuple(resp)
+        if item in known and known[item] != resp or responses is not None and responses[item] != resp:
+            raise bad("responses", f"differ from the responses of prompt {item}")
+        annotator = row.get("annotator")
+        if not isinstance(annotator, str) or not SESSION_RE.fullmatch(annotator):
+            raise bad("annotator", f"expected a session id, got {annotator!r}")
+        if (item, annotator) in seen:
+            raise bad("annotator", f"judged prompt {item} twice")
+        shown = row.get("shown")
+        if not isinstance(shown, list) or sorted(shown) != list(range(len(resp))):
+            raise bad("shown", "expected a permutation of the response indices")
+        is_compare = "winner" in row or "models" in row
+        if mode == "compare":
+            if row.get("models") != models:
+                raise bad("models", f"{row.get('models')!r}, this run compares {models!r}")
+            if not row.get("skipped") and row.get("winner") not in ("A", "B", "tie"):
+                raise bad("winner", "expected A, B or tie")
+        elif is_compare:
+            raise bad("winner", "a --compare row in a ranking file")
+        seen.add((item, annotator))
+        known[item] = resp
+    return known
+
+
+class LabelState:
+    """Items, sessions and the labels file; every public method takes the lock. Methods
+    return the session's view: {"session", "mode", "item", "progress", "can_undo"[, "result"]}."""
+
+    def __init__(self, items: list[Item], store, *, mode: str = "rank", overlap: float = 0.0, seed: int = 0,
+                 models: list[str] | None = None, hold_seconds: float = HOLD_SECONDS, clock=time.monotonic,
+                 on_change=None):
+        self.items, self.store, self.mode, self.models = items, store, mode, models
+        self.on_change = on_change  # called with self, under the lock, after each row written or removed
+        self.seed, self.hold_seconds, self.clock = seed, hold_seconds, clock
+        self.lock = threading.Lock()
+        self.needs = [1] * len(items)
+        for i in overlapped(len(items), overlap, seed):
+            self.needs[i] = 2
+        self.judged_by: list[dict[str, int]] = [{} for _ in items]   # item -> {session: row id}
+        self.holders: list[set[str]] = [set() for _ in items]
+        self.sessions: dict[str, _Session] = {}
+        self.row_of: dict[int, dict] = {}
+        for row_id, row in store.rows:  # checked by check_rows
+            self._record(row_id, row)
+
+    # ---- bookkeeping ----
+
+    def _record(self, row_id: int, row: dict) -> None:
+        s = row["annotator"]
+        self.sessions.setdefault(s, _Session()).rows.append(row_id)
+        self.judged_by[row["item"]][s] = row_id
+        self.row_of[row_id] = row
+
+    def _session(self, body: dict, create: bool = False) -> str:
+        sid = body.get("session")
+        if sid is None and create:
+            sid = secrets.token_urlsafe(12)
+        if not isinstance(sid, str) or not SESSION_RE.fullmatch(sid):
+            raise BadRequest("session: expected a session id (8-64 letters, digits, - or _)")
+        self.sessions.setdefault(sid, _Session())  # a session from before a restart comes back
+        return sid
+
+    def _release(self, sid: str) -> None:
+        hold = self.sessions[sid].hold
+        if hold is not None:
+            self.holders[hold.item].discard(sid)
+            self.sessions[sid].hold = None
+
+    def _hold(self, sid: str, item: int, order: list[int] | None = None) -> None:
+        if order is None:
+            order = list(range(len(self.items[item].responses)))
+            random.Random(f"order/{self.seed}/{sid}/{item}").shuffle(order)
+        self.sessions[sid].hold = _Hold(item, order, self.clock())
+        self.holders[item].add(sid)
+
+    def _active(self, sid: str) -> bool:
+        hold = self.sessions[sid].hold
+        return hold is not None and self.clock() - hold.since < self.hold_seconds
+
+    def _offer(self, sid: str) -> None:
+        """Give `sid` an item unless it holds one: the first it has not judged that has room."""
+        if self.sessions[sid].hold is not None:
+            return
+        for i, judged in enumerate(self.judged_by):
+            if sid in judged or len(judged) >= self.needs[i]:
+                continue
+            active = [h for h in self.holders[i] if self._active(h)]
+            if len(judged) + len(active) < self.needs[i]:
+                for stale in self.holders[i] - set(active):
+                    self._release(stale)
+                self._hold(sid, i)
+                return
+
+    def _held(self, sid: str, body: dict) -> _Hold:
+        hold = self.sessions[sid].hold
+        item = body.get("item")
+        if hold is None or item != hold.item or isinstance(item, bool):
+            raise BadRequest(f"item: {item!r} is not the prompt this session holds (reload the page)")
+        return hold
+
+    def _append(self, sid: str, row: dict) -> None:
+        """Write the row (fsync), then update memory: a failed write changes nothing."""
+        row_id = self.store.append(row)
+        self._record(row_id, row)
+        self._release(sid)
+        if self.on_change:
+            self.on_change(self)
+
+    def _row(self, sid: str, hold: _Hold) -> dict:
+        it = self.items[hold.item]
+        row = {"prompt": it.prompt, "responses": list(it.responses)}
+        if self.mode == "compare":
+            row["models"] = list(self.models)
+        row.update(item=hold.item, annotator=sid, shown=hold.order,
+                   seconds=round(self.clock() - hold.since, 2),
+                   time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return row
+
+    # ---- what the page calls ----
+
+    def next(self, body: dict) -> dict:
+        """The session's current item (a new session when body has no "session")."""
+        with self.lock:
+            sid = self._session(body, create=True)
+            _check_keys(body, {"session"})
+            self._offer(sid)
+            return self._view(sid)
+
+    def judge(self, body: dict) -> dict:
+        """body: {"session", "item", "ranking": display positions best first, "ties": [bool] * (K-1)}
+        (--compare: K = 2, ranking [0, 1] = left better). Writes the row, then offers the next item."""
+        with self.lock:
+            sid = self._session(body)
+            _check_keys(body, {"session", "item", "ranking", "ties"})
+            hold = self._held(sid, body)
+            k = len(hold.order)
+            ranking = body.get("ranking")
+            if not isinstance(ranking, list) or not all(type(p) is int for p in ranking) \
+                    or sorted(ranking) != list(range(k)):
+                raise BadRequest(f"ranking: expected a permutation of the {k} display positions 0..{k - 1}")
+            ties = body.get("ties", [False] * (k - 1))
+            if not isinstance(ties, list) or len(ties) != k - 1 or not all(type(t) is bool for t in ties):
+                raise BadRequest(f"ties: expected {k - 1} booleans")
+            ranked = [hold.order[p] for p in ranking]  # display positions -> response indices
+            row = self._row(sid, hold)
+            if self.mode == "compare":
+                row["ratings"] = ratings_from(ranked, ties)
+                row["winner"] = "tie" if ties[0] else "AB"[ranked[0]]
+            elif any(ties):
+                row["ratings"] = ratings_from(ranked, ties)
+            else:
+                row["ranking"] = ranked
+            # key order of the file: the preference fields first
+            self._append(sid, {k: row[k] for k in ("prompt", "responses", "ranking", "ratings", "winner")
+                               if k in row} | row)
+            self._offer(sid)
+            return self._view(sid)
+
+    def skip(self, body: dict) -> dict:
+        """body: {"session", "item"}: a row with no preference; the session moves on."""
+        with self.lock:
+            sid = self._session(body)
+            _check_keys(body, {"session", "item"})
+            hold = self._held(sid, body)
+            row = self._row(sid, hold)
+            self._append(sid, {"prompt": row["prompt"], "responses": row["responses"],
+                               "ratings": [RATING_SKIP] * len(hold.order), "skipped": True} | row)
+            self._offer(sid)
+            return self._view(sid)
+
+    def undo(self, body: dict) -> dict:
+        """body: {"session"}: remove the session's last row from the file (judgement or skip)
+        and show that item again, in the same order."""
+        with self.lock:
+            sid = self._session(body)
+            _check_keys(body, {"session"})
+            rows = self.sessions[sid].rows
+            if not rows:
+                raise BadRequest("nothing to undo for this session")
+            row_id = rows[-1]
+            row = self.row_of[row_id]
+            self.store.remove(row_id)
+            rows.pop()
+            del self.row_of[row_id], self.judged_by[row["item"]][sid]
+            self._release(sid)
+            self._hold(sid, row["item"], order=list(row["shown"]))
+            if self.on_change:
+                self.on_change(self)
+            return self._view(sid)
+
+    # ---- views ----
+
+    def progress(self, sid: str | None = None) -> dict:
+        done = sum(min(len(j), n) for j, n in zip(self.judged_by, self.needs))
+        out = {"done": done, "total": sum(self.needs), "prompts": len(self.items)}
+        if sid is not None:
+            mine = [self.row_of[r] for r in self.sessions[sid].rows]
+            secs = [r["seconds"] for r in mine if not r.get("skipped") and isinstance(r.get("seconds"), (int, float))]
+            out.update(judged=len(secs), skipped=sum(bool(r.get("skipped")) for r in mine),
+                       mean_seconds=round(sum(secs) / len(secs), 1) if secs else None,
+                       last_seconds=secs[-1] if secs else None)
+        return out
+
+    def result(self) -> dict:
+        """--compare: the win rate of A over B so far (see stats.win_rate)."""
+        return {"model_a": self.models[0], "model_b": self.models[1], **win_rate(list(self.row_of.values()))}
+
+    def _view(self, sid: str) -> dict:
+        hold = self.sessions[sid].hold
+        item = None
+        if hold is not None:
+            it = self.items[hold.item]
+            item = {"id": hold.item, "prompt": it.prompt, "responses": [it.responses[j] for j in hold.order]}
+        view = {"session": sid, "mode": self.mode, "item": item, "progress": self.progress(sid),
+                "can_undo": bool(self.sessions[sid].rows)}
+        if item is None and self.mode == "compare":  # blind until this person is done
+            view["result"] = self.result()
+        return view
+
+    def summary(self) -> dict:
+        with self.lock:
+            out = {"mode": self.mode, **self.progress(), "sessions": len(self.sessions)}
+            if self.mode == "compare":
+                out["result"] = self.result()
+            return out
+
+
+def _check_keys(body: dict, allowed: set[str]) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise BadRequest(f"{extra[0]}: unexpected field")

@@ -1,0 +1,158 @@
+"""The frame every training stage shares, written once: load or resume, the step loop with
+its metrics, progress bar and periodic resume checkpoints, and the final save.
+
+    run = open_stage(out_dir, stage, resume=..., device=..., init=lambda: {"model": ...},
+                     optimizers=lambda models: {"model": AdamW(...)}, tokenizer=..., extra_state=...)
+    step = loop(stage, run.step, total, train_step, run.save, metrics, save_every=..., show=(...))
+    finish(out_dir, run.save, step, info, evaluate=...)    # saved first, evaluated second
+
+A stage is a plain function that builds its models and data, defines `train_step(step) ->
+metrics row`, and calls these. Nothing here knows what a stage trains.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from . import checkpoint
+from .checkpoint import NonFiniteError
+from .metrics import Metrics, progress
+
+# Fault injection for the kill-and-resume tests: MINIRLHF_KILL_AT="ppo:3" sends SIGKILL to this
+# process right after step 3 of the ppo stage was logged (and saved, if it was a save step).
+KILL_AT_ENV = "MINIRLHF_KILL_AT"
+
+
+def fault_point(stage: str, step: int) -> None:
+    """Die here (SIGKILL, like a crash) if MINIRLHF_KILL_AT names this stage and step."""
+    if os.environ.get(KILL_AT_ENV) == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StageStopped(RuntimeError):
+    """A stage cannot go on (a non-finite value); the message is one line naming the stage and step."""
+
+
+class Run(NamedTuple):
+    """What open_stage gives a stage: its models and optimizers (by name), the resume state
+    (None for a fresh start), the step to continue from, and save(step, finished, info=None)."""
+    models: dict
+    optimizers: dict
+    state: dict | None
+    step: int
+    save: Callable
+
+
+def open_stage(out_dir, stage: str, *, resume: bool, device, init: Callable[[], dict], optimizers: Callable,
+               tokenizer, names=("model",), extra_state: Callable[[], dict] = dict) -> Run:
+    """Load or resume a stage: its models (from out_dir's checkpoint when resuming, else init()),
+    optimizers(models) with their states, every RNG and the step restored from the checkpoint,
+    and the save function (see saver). A stage restores its own extras from run.state."""
+    models, state = start(out_dir, resume=resume, init=init, device=device, names=names)
+    opts = optimizers(models)
+    step = restore(state, opts)
+    return Run(models, opts, state, step, saver(out_dir, stage, models, tokenizer, opts, extra_state))
+
+
+def start(out_dir, *, resume: bool, init: Callable[[], dict], device, names=("model",)):
+    """(models, state): from out_dir's checkpoint when resuming one, else init() and None.
+
+    names: the models a checkpoint of this stage holds ("model", and e.g. "critic")."""
+    if resume and checkpoint.exists(out_dir):
+        models = {n: checkpoint.load_model_from(out_dir, name=n, device=device) for n in names}
+        return models, checkpoint.load_state(out_dir)
+    return init(), None
+
+
+def restore(state: dict | None, optimizers: dict) -> int:
+    """Load optimizer states and every RNG from a resume state; returns the step to continue from."""
+    if state is None:
+        return 0
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    checkpoint.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def saver(out_dir, stage: str, models: dict, tokenizer, optimizers: dict,
+          extra_state: Callable[[], dict] = dict) -> Callable:
+    """save(step, finished, info=None): the stage's atomic checkpoint (checkpoint.save), with
+    everything --resume needs: optimizer states, RNG, and the stage's extra_state()."""
+    models = dict(models)
+    main = models.pop("model")
+
+    def save(step: int, finished: bool, info: dict | None = None) -> None:
+        checkpoint.save(out_dir, stage=stage, model=main, tokenizer=tokenizer, step=step, finished=finished,
+                        extra_models=models, info=info,
+                        state={"optimizers": {n: o.state_dict() for n, o in optimizers.items()}, **extra_state()})
+    return save
+
+
+def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], save: Callable, metrics: Metrics,
+         *, save_every: int | None, show: tuple[str, ...] = ("loss",)) -> int:
+    """Run train_step(step) for step = step..total-1; returns the step reached.
+
+    Each call returns a metrics row (floats; "stop": True ends the loop early). The row is
+    checked for non-finite values, logged to metrics.jsonl, shown on the progress bar
+    (`show` keys), and every save_every steps a resume checkpoint is written. A
+    non-finite value (or NonFiniteError from inside the step) raises StageStopped: the
+    last resume checkpoint on disk is the last good one."""
+    metrics.log(stage, step, event="start")
+    bar = progress(total, stage, initial=step)
+    try:
+        while step < total:
+            try:
+                row = train_step(step)
+            except NonFiniteError as e:
+                raise StageStopped(_stopped(stage, step + 1, str(e))) from None
+            step += 1
+            stop = bool(row.pop("stop", False))
+            for key, value in row.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise StageStopped(_stopped(stage, step, f"{key} is {value}"))
+            metrics.log(stage, step, **row)
+            bar.set_postfix({k: _short(row[k]) for k in show if k in row}, refresh=False)
+            bar.update(1)
+            if save_every and step % save_every == 0 and step < total and not stop:
+                save(step, finished=False)
+            fault_point(stage, step)
+            if stop:
+                break
+    finally:
+        bar.close()
+    return step
+
+
+def _stopped(stage: str, step: int, what: str) -> str:
+    return (f"{stage} stopped at step {step}: {what}; the last good checkpoint is kept — lower the learning "
+            f"rate (--{stage}.lr) and rerun with --resume")
+
+
+def _short(v) -> str:
+    return f"{v:,.0f}" if isinstance(v, float) and abs(v) >= 1000 else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def finish(out_dir, save: Callable, step: int, info: dict, *, evaluate: Callable[[], dict] | None = None,
+           stage: str = "") -> dict:
+    """Save the finished checkpoint, then evaluate. The training is on disk before any
+    evaluation runs: an evaluation error is reported (and recorded in the checkpoint's info
+    as eval_error), never fatal to the checkpoint. Returns the info with the evaluation's numbers."""
+    save(step, finished=True, info=info)
+    if evaluate is None:
+        return info
+    t0 = time.time()
+    try:
+        extra = evaluate()
+    except Exception as e:  # noqa: BLE001 — the checkpoint is saved; report, don't lose it
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"[{stage}] warning: evaluation after training failed ({msg}); the checkpoint is saved",
+              file=sys.stderr)
+        extra = {"eval_error": msg}
+    extra["eval_wall_s"] = round(time.time() - t0, 1)
+    checkpoint.update_info(Path(out_dir), **extra)
+    return {**info, **extra}

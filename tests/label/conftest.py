@@ -1,0 +1,16 @@
+"""Fixtures of the label tests: (once per test session) a tiny pretrained checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny pretrained checkpoint (seconds): something real to sample responses from."""
+    from minirlhf.cli import main
+
+    run = tmp_path_factory.mktemp("tiny")
+    assert main(["pretrain", "--preset", "tiny", "--out", str(run)]) == 0
+    return run / "pretrain"

@@ -1,0 +1,323 @@
+"""The label server over HTTP: the file holds exactly the judgements sent, undo, restart,
+concurrent sessions and --overlap, access control, and bad requests that change nothing."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+from minirlhf.data import read_preferences
+from minirlhf.label.server import MAX_BODY
+from minirlhf.label.state import Item
+from minirlhf.label.store import LabelFile
+
+from .helpers import ITEMS, Client, read_rows, running
+
+
+def _judge_all(client: Client, plan: dict[str, tuple]):
+    """Judge every prompt the server offers, by `plan[prompt] = (best-first texts, ties)`;
+    `None` skips. Checks after each answer that the row is already on disk."""
+    out = []
+    view = client.next()
+    while view["item"] is not None:
+        prompt = view["item"]["prompt"]
+        if plan[prompt] is None:
+            status, view = client.post("/api/skip", {"item": view["item"]["id"]})
+        else:
+            status, view = client.judge_by_text(view, *plan[prompt])
+        assert status == 200, view
+        out.append(prompt)
+    return out
+
+
+PLAN = {
+    ITEMS[0].prompt: (["The fox eats berries.", "berries", "The fox eats fish."], None),
+    ITEMS[1].prompt: (["Lima is in Peru.", "Peru", "Lima is in Chile.", "I like trains."], [True, False, False]),
+    ITEMS[2].prompt: None,
+    ITEMS[3].prompt: ([ITEMS[3].responses[2], ITEMS[3].responses[0], ITEMS[3].responses[1]], [False, True]),
+    ITEMS[4].prompt: (["good morning", "hello", "hi"], None),
+}
+
+
+def test_the_file_holds_the_judgements_sent(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        client = Client(server)
+        assert _judge_all(client, PLAN) == [it.prompt for it in ITEMS]
+        view = client.next()
+        assert view["item"] is None and view["progress"]["done"] == view["progress"]["total"] == 5
+    rows = read_rows(out)
+    # hand-worked: the best-first texts as indices into each prompt's responses
+    assert rows[0]["ranking"] == [1, 0, 2]
+    assert rows[1]["ratings"] == [7, 7, 6, 5] and "ranking" not in rows[1]  # Peru tied with "Lima is in Peru."
+    assert rows[2]["skipped"] is True and rows[2]["ratings"] == [4, 4, 4]
+    assert rows[3]["ratings"] == [6, 6, 7]
+    assert rows[4]["ranking"] == [2, 0, 1]
+    for row, item in zip(rows, ITEMS):
+        assert row["prompt"] == item.prompt and row["responses"] == list(item.responses)
+        assert row["annotator"] == client.session and sorted(row["shown"]) == list(range(len(item.responses)))
+        assert row["seconds"] >= 0 and row["time"].endswith("+00:00")
+    # the shown orders are shuffled (position bias must not become preference)
+    assert any(row["shown"] != sorted(row["shown"]) for row in rows)
+    # the reward model's reader: ties and the skip carry no pairs
+    prefs = read_preferences(out)
+    assert [c.prompt for c in prefs] == [ITEMS[i].prompt for i in (0, 1, 3, 4)]
+    assert sorted(prefs[1].pairs) == [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert sorted(prefs[2].pairs) == [(2, 0), (2, 1)]
+
+
+def test_undo_takes_the_row_out_and_shows_the_prompt_again(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        a, b = Client(server), Client(server)
+        va = a.next()
+        vb = b.next()
+        assert va["item"]["id"] == 0 and vb["item"]["id"] == 1
+        status, va2 = a.judge_by_text(va, list(PLAN[ITEMS[0].prompt][0]))
+        assert status == 200 and va2["can_undo"]
+        status, _ = b.judge_by_text(vb, list(PLAN[ITEMS[1].prompt][0]))
+        assert status == 200
+        b_line = out.read_bytes().splitlines()[1]
+        # a's row is not the last one: the file is rewritten without it, b's row byte for byte
+        status, again = a.post("/api/undo")
+        assert status == 200
+        assert again["item"] == va["item"] and not again["can_undo"]  # same prompt, same order
+        assert out.read_bytes().splitlines() == [b_line]
+        assert again["progress"]["done"] == 1
+        status, err = a.post("/api/undo")
+        assert status == 400 and "nothing to undo" in err["error"]
+        status, _ = a.judge_by_text(again, ["The fox eats fish.", "berries", "The fox eats berries."])
+        assert status == 200
+    rows = read_rows(out)
+    assert [(r["item"], r["annotator"]) for r in rows] == [(1, b.session), (0, a.session)]
+    assert rows[1]["ranking"] == [2, 0, 1]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_restart_continues_where_it_stopped(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        a = Client(server)
+        view = a.next()
+        for _ in range(2):
+            status, view = a.judge_by_text(view, list(view["item"]["responses"]))
+        status, view = a.post("/api/skip", {"item": view["item"]["id"]})
+        assert view["item"]["id"] == 3
+    before = out.read_bytes()
+    # a kill -9 in the middle of the next append leaves half a line: the restart drops it
+    with open(out, "ab") as f:
+        f.write(b'{"prompt": "Name two facts about the owl.", "respo')
+    with running(out) as server:
+        assert out.read_bytes() == before
+        again = Client(server, session=a.session)
+        view = again.next()
+        assert view["item"]["id"] == 3 and view["can_undo"]
+        assert view["progress"]["done"] == 3 and view["progress"]["skipped"] == 1
+        other = Client(server).next()
+        assert other["item"]["id"] == 4  # 0-2 judged, 3 held
+        status, view = again.post("/api/undo")  # undo reaches a row of the earlier run
+        assert status == 200 and view["item"]["id"] == 2
+    assert [r["item"] for r in read_rows(out)] == [0, 1]
+
+
+def test_a_row_of_another_run_is_refused(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        c = Client(server)
+        c.judge_by_text(c.next(), ["berries", "The fox eats berries.", "The fox eats fish."])
+    changed = [Item("Something else?", ITEMS[0].responses)] + ITEMS[1:]
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: prompt: differs from prompt 0"):
+        with running(out, changed):
+            pass
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: models: "):
+        with running(out, mode="compare", models=["a", "b"]):
+            pass
+
+
+def test_a_second_server_on_the_same_file_is_refused(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out):
+        with pytest.raises(ValueError, match="another label server is writing"):
+            LabelFile(out)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.4])
+def test_concurrent_sessions_get_distinct_prompts_unless_overlapped(tmp_path, overlap):
+    items = [Item(f"prompt {i}?", (f"a{i}", f"b{i}", f"c{i}")) for i in range(20)]
+    out = tmp_path / "labels.jsonl"
+    with running(out, items, overlap=overlap, seed=3) as server:
+        clients = [Client(server) for _ in range(5)]
+        first = [c.next()["item"]["id"] for c in clients]
+        if overlap == 0:
+            assert len(set(first)) == 5  # all held at once, none twice
+        errors = []
+
+        def work(c):
+            try:
+                view = c.next()
+                while view["item"] is not None:
+                    status, view = c.judge_by_text(view, sorted(view["item"]["responses"]))
+                    assert status == 200, view
+            except Exception as e:  # surfaced below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+    rows = read_rows(out)
+    by_item: dict[int, list[str]] = {}
+    for r in rows:
+        by_item.setdefault(r["item"], []).append(r["annotator"])
+    assert sorted(by_item) == list(range(20))
+    counts = sorted(len(v) for v in by_item.values())
+    assert counts == [1] * (20 - round(overlap * 20)) + [2] * round(overlap * 20)
+    assert all(len(set(v)) == len(v) for v in by_item.values())  # never twice to one person
+
+
+def test_a_hold_left_for_too_long_goes_to_another_session(tmp_path):
+    now = [0.0]
+    with running(tmp_path / "labels.jsonl", ITEMS[:1], hold_seconds=60, clock=lambda: now[0]) as server:
+        idle, busy = Client(server), Client(server)
+        view = idle.next()
+        assert busy.next()["item"] is None  # held by the idle tab
+        now[0] = 61.0
+        taken = busy.next()["item"]
+        assert taken == {**view["item"], "responses": taken["responses"]}
+        status, err = idle.judge_by_text(view, list(view["item"]["responses"]))
+        assert status == 400 and "not the prompt this session holds" in err["error"]
+
+
+def test_token_required_off_loopback(tmp_path):
+    with running(tmp_path / "labels.jsonl", token="s3cret-token") as server:
+        c = Client(server)
+        for path in ("/", "/static/label.js", "/?token=wrong"):
+            status, _, body = c.raw("GET", path)
+            assert status == 403, path
+        status, headers, _ = c.raw("GET", "/?token=s3cret-token")
+        assert status == 200
+        cookie = headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert c.post("/api/next")[0] == 403
+        with_cookie = Client(server, headers={"Cookie": cookie.split(";")[0]})
+        assert with_cookie.raw("GET", "/static/label.css")[0] == 200
+        assert with_cookie.next()["item"]["id"] == 0
+        wrong = Client(server, headers={"Cookie": f"{server.cookie}=s3cret-tokeX"})
+        assert wrong.post("/api/next")[0] == 403
+
+
+def test_loopback_checks_the_host_header(tmp_path):
+    with running(tmp_path / "labels.jsonl") as server:
+        c = Client(server)
+        assert c.raw("GET", "/", headers={"Host": f"localhost:{server.port}"})[0] == 200
+        # DNS rebinding: a page of evil.example resolving to 127.0.0.1 sends its own name
+        assert c.raw("GET", "/", headers={"Host": f"evil.example:{server.port}"})[0] == 403
+        assert c.post("/api/next", headers={"Host": "evil.example"})[0] == 403
+
+
+def _raw_http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bad_requests_get_400_and_change_nothing(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        a, b = Client(server), Client(server)
+        view = a.next()
+        b.next()
+        a.judge_by_text(view, list(PLAN[ITEMS[0].prompt][0]))
+        view = a.next()  # holds item 2 (b holds item 1)
+        assert view["item"]["id"] == 2
+        before = out.read_bytes()
+        item = view["item"]["id"]
+        bad = [
+            {"item": item, "ranking": [0, 1]},                      # too short
+            {"item": item, "ranking": [0, 1, 1]},                   # not a permutation
+            {"item": item, "ranking": [0, 1, 3]},
+            {"item": item, "ranking": [True, False, 2]},            # booleans are no positions
+            {"item": item, "ranking": ["0", "1", "2"]},
+            {"item": item, "ranking": "012"},
+            {"item": item, "ranking": [0, 1, 2], "ties": [True]},
+            {"item": item, "ranking": [0, 1, 2], "ties": [1, 0]},
+            {"item": item, "ranking": [0, 1, 2], "extra": 1},
+            {"item": 1, "ranking": [0, 1, 2, 3]},                   # b's prompt
+            {"item": 0, "ranking": [0, 1, 2]},                      # judged already
+            {"item": True, "ranking": [0, 1, 2]},
+            {"ranking": [0, 1, 2]},
+            {"item": item, "ranking": [0, 1, 2], "session": "x"},   # not a session id
+            {"item": item, "ranking": [0, 1, 2], "session": "../../etc/passwd"},
+        ]
+        for body in bad:
+            status, err = a.post("/api/judge", body)
+            assert status == 400 and err["error"], body
+        assert a.post("/api/skip", {"item": 1})[0] == 400
+        assert a.post("/api/skip", {"item": item, "ranking": [0, 1, 2]})[0] == 400
+        assert a.post("/api/undo", {"item": item})[0] == 400
+        assert a.post("/api/next", {"item": item})[0] == 400
+        assert Client(server).post("/api/undo")[0] == 400           # a new session has nothing to undo
+        j = json.dumps({"session": a.session, "item": item, "ranking": [0, 1, 2]}).encode()
+        for body, headers in [(b"{not json", {}), (b"[1, 2]", {}), (b"\xff\xfe", {}),
+                              (j, {"Content-Type": "text/plain"}),
+                              (j, {"Content-Type": "application/x-www-form-urlencoded"}),
+                              (b'{"session": "' + b"a" * MAX_BODY + b'"}', {})]:
+            status, _, data = a.raw("POST", "/api/judge", body, {"Content-Type": "application/json", **headers})
+            assert status == 400 and json.loads(data)["error"], body[:40]
+        host = f"Host: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n".encode()
+        for request in [b"POST /api/judge HTTP/1.1\r\n" + host + b"\r\n",
+                        b"POST /api/judge HTTP/1.1\r\n" + host + b"Content-Length: -5\r\n\r\n",
+                        b"GET / HTTP/x.y\r\n\r\n"]:
+            reply = _raw_http(server.port, request)
+            # http.server answers a request line it cannot parse in HTTP/0.9 style: no status line
+            assert reply.startswith(b"HTTP/1.0 400 ") or b"Error code: 400" in reply, reply[:80]
+        # no request names a file: traversal finds nothing
+        for path in ("/../labels.jsonl", "/static/../store.py", "/static/%2e%2e/store.py", "/static/",
+                     "/labels.jsonl", "//etc/passwd", "/static/label.js/../../cli.py"):
+            assert a.raw("GET", path)[0] == 404, path
+        assert a.post("/api/nothing")[0] == 404
+        assert a.raw("PUT", "/api/judge", j)[0] == 501
+        assert out.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.jsonl"]
+        # ...and the session is still where it was
+        again = a.next()
+        assert again["item"] == view["item"]
+
+
+def test_the_page_is_static_and_text_only_reaches_it_as_json(tmp_path):
+    with running(tmp_path / "labels.jsonl") as server:
+        c = Client(server)
+        status, headers, page = c.raw("GET", "/")
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert "script-src 'self'" in headers["Content-Security-Policy"]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert b"fox" not in page
+        js = c.raw("GET", "/static/label.js")[2].decode()
+        assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js
+        status, headers, data = c.raw("POST", "/api/next", b"{}", {"Content-Type": "application/json"})
+        assert headers["Content-Type"] == "application/json"
+
+
+def test_every_static_file_ships_as_package_data():
+    """pyproject's package-data must cover every file of static/, or a normal (non-editable)
+    install serves a page without it."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    import minirlhf.label
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["minirlhf.label"]
+    static = Path(minirlhf.label.__file__).parent / "static"
+    files = [f"static/{p.name}" for p in static.iterdir()]
+    assert {"static/index.html", "static/label.js", "static/label.css"} <= set(files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f
