@@ -12,6 +12,11 @@ Weight init (GPT-2 / nanoGPT): normal(0, init_std) for every matrix, and the two
 projections that write into the residual stream (attention out, MLP down) scaled by
 1/sqrt(2·n_layers) so the residual's variance does not grow with depth. RMSNorm gains
 start at 1; the scalar head starts at zero so a fresh reward/value reads 0.
+
+The same module is every imported model (minirlhf/interop): Llama, Mistral and SmolLM2
+are this architecture; Qwen2 adds biases to q/k/v (`qkv_bias`); some models have a head
+width other than dim / n_heads (`head_dim`); Llama 3.1 stretches the RoPE frequencies
+(`rope_scaling="llama3"`). Computed as in transformers, so imported logits match theirs.
 """
 from __future__ import annotations
 
