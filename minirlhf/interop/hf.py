@@ -14,6 +14,7 @@ tensor); tensors we do not use are refused too, except RoPE caches (`rotary_emb.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ def _weight_files(d: Path) -> list[Path]:
     raise ValueError(f"{d}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def load_state(model: Transformer, tensors: dict[str, torch.Tensor], where: str, shown=lambda name: name) -> None:
+def load_state(model: Transformer, tensors: Mapping[str, torch.Tensor], where: str, shown=lambda name: name) -> None:
     """Copy HF-named tensors into the model; every parameter but the scalar head must be there
     with its shape. The tied LM head is the embedding. Raises ValueError naming the tensor
     (as `shown(hf_name)` calls it in the file)."""
@@ -178,17 +179,33 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor], where: str,
         model.scalar_head.bias.zero_()
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """All tensors of the files; raises ValueError naming the file when one is truncated or corrupt."""
-    out = {}
-    for f in files:
+class SafetensorsFiles(Mapping):
+    """The tensors of safetensors files by name, each read from its file when asked for (so a
+    model is loaded one tensor at a time, not all of them held twice). Raises ValueError
+    naming the file when its header or a tensor's bytes are truncated or corrupt."""
+
+    def __init__(self, files: list[Path]):
+        self.where = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    self.where.update((k, f) for k in st.keys())
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ValueError(f"{f}: corrupt safetensors file: {str(e).splitlines()[0]}") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f = self.where[name]
         try:
             with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    out[k] = st.get_tensor(k)
+                return st.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{f}: corrupt safetensors file: {str(e).splitlines()[0]}") from None
-    return out
+            raise ValueError(f"{f}: corrupt safetensors file: tensor {name}: {str(e).splitlines()[0]}") from None
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self):
+        return len(self.where)
 
 
 def load_hf_dir(path, max_seq_len: int | None = None, device="cpu"):
@@ -204,5 +221,5 @@ def load_hf_dir(path, max_seq_len: int | None = None, device="cpu"):
         raise ValueError(f"{d}: no tokenizer.json (a fast tokenizer is needed)")
     tokenizer = HFTokenizer.load(d)
     model = Transformer(cfg)
-    load_state(model, read_safetensors(files), where=str(files[0] if len(files) == 1 else d / INDEX_FILE))
+    load_state(model, SafetensorsFiles(files), where=str(files[0] if len(files) == 1 else d / INDEX_FILE))
     return model.to(device).eval(), tokenizer
