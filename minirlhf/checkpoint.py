@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .model import ModelConfig, Transformer
-from .tokenizer import TOKENIZER_FILE, Tokenizer
+from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer as _load_tokenizer_dir
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.pt"
 
@@ -84,7 +84,7 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
     save_model(model, str(tmp / MODEL_FILE))
     for name, extra in (extra_models or {}).items():
         save_model(extra, str(tmp / f"{name}.safetensors"))
-    tokenizer.save(tmp / TOKENIZER_FILE)
+    tokenizer.save(tmp)  # tokenizer.model, or tokenizer.json + chat template for imported models
     meta = {"stage": stage, "model": asdict(model.cfg), "step": step, "finished": finished,
             "extra_models": sorted(extra_models or {}), "info": info or {}}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -141,7 +141,7 @@ def load_tokenizer(path) -> Tokenizer:
     p = _resolve(path)
     if p is None:
         raise ValueError(f"{path}: no checkpoint here")
-    return Tokenizer.load(p / TOKENIZER_FILE)
+    return _load_tokenizer_dir(p)
 
 
 def load_state(path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -28,8 +29,14 @@ COMMANDS = {
     "label": "rank responses or compare two checkpoints in the browser; inter-annotator agreement",
     "bench-report": "turn bench/results/<device>.json (pytest bench/ --benchmark-json ...) into markdown tables",
     "experiment": "experiments that answer the recipe's questions: sft-ablation, kl-sweep, ptx, iterate, best-of-n",
+    "export": "write a checkpoint as a Hugging Face directory (transformers loads it)",
 }
 
+
+# commands whose options and run live in their own module: name -> (module, its run(args) -> exit code);
+# each module has add_arguments(parser)
+PLUGGED = {"label": (".label.cli", "main"), "bench-report": (".bench_report", "run"),
+           "experiment": (".experiments.cli", "main"), "export": (".interop.export", "main")}
 
 RUN_COMMANDS = ("train", "pretrain", "sft", "rm", "ppo", "eval")
 
@@ -160,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ref", default=None, help="reference checkpoint for KL (default: the first --ckpt)")
             sp.add_argument("--rm-ckpt", default=None, help="reward model checkpoint to score with (optional)")
         if name == "generate":
-            sp.add_argument("--ckpt", required=True, help="checkpoint directory of any stage")
+            sp.add_argument("--ckpt", help="checkpoint directory of any stage")
+            sp.add_argument("--init-from", help="or a pretrained model: Hugging Face directory or .gguf file")
+            sp.add_argument("--max-seq-len", type=int, default=None,
+                            help="with --init-from: longest prompt + response (default: the model's context)")
             sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
             sp.add_argument("--n", type=bounded(int, ge=1), default=1, help="samples per prompt")
             sp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=48)
@@ -169,15 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0, help="1 = off")
             sp.add_argument("--seed", type=bounded(int, ge=0), default=0)
             sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
-        if name == "label":
-            from .label.cli import add_arguments
-            add_arguments(sp)
-        if name == "bench-report":
-            from .bench_report import add_arguments
-            add_arguments(sp)
-        if name == "experiment":
-            from .experiments.cli import add_arguments
-            add_arguments(sp)
+        if name in PLUGGED:
+            importlib.import_module(PLUGGED[name][0], __package__).add_arguments(sp)
         if name == "data":
             sp.add_argument("action", choices=["export"])
             sp.add_argument("dir", help="output directory")
@@ -208,12 +211,18 @@ def cmd_generate(args) -> int:
 
     from . import checkpoint
     from .generate import generate
-    from .tokenizer import BOS_ID
+    if (args.ckpt is None) == (args.init_from is None):
+        raise ValueError("generate: give exactly one of --ckpt DIR and --init-from PATH")
+    if args.init_from:
+        from .interop import load_pretrained
 
-    tokenizer = checkpoint.load_tokenizer(args.ckpt)
-    model = checkpoint.load_model_from(args.ckpt).eval()
+        model, tokenizer = load_pretrained(args.init_from, args.max_seq_len)
+    else:
+        tokenizer = checkpoint.load_tokenizer(args.ckpt)
+        model = checkpoint.load_model_from(args.ckpt).eval()
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    ids = [[BOS_ID] + tokenizer.encode(p) if args.raw else tokenizer.prompt_ids(p) for p in prompts]
+    ids = [bos + tokenizer.encode(p) if args.raw else tokenizer.prompt_ids(p) for p in prompts]
     gen = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(args.seed))
@@ -259,15 +268,9 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args)
-        if args.command == "bench-report":
-            from .bench_report import run
-            return run(args)
-        if args.command == "label":
-            from .label.cli import main as label_main
-            return label_main(args)
-        if args.command == "experiment":
-            from .experiments.cli import main as experiment_main
-            return experiment_main(args)
+        if args.command in PLUGGED:
+            module, function = PLUGGED[args.command]
+            return getattr(importlib.import_module(module, __package__), function)(args)
         return cmd_stages(args)
     except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
         print(f"error: {e}", file=sys.stderr)

@@ -193,7 +193,9 @@ from .model import ModelConfig  # noqa: E402  (the model owns its config; the ru
 # ModelConfig lives in model.py; its fields' ranges are kept here with the others.
 MODEL_RANGES = {"vocab_size": {"ge": 8}, "dim": {"ge": 2}, "n_layers": {"ge": 1}, "n_heads": {"ge": 1},
                 "n_kv_heads": {"ge": 1}, "ffn_dim": {"ge": 1}, "max_seq_len": {"ge": 4}, "rope_theta": {"gt": 0},
-                "norm_eps": {"gt": 0}, "init_std": {"gt": 0}}
+                "norm_eps": {"gt": 0}, "init_std": {"gt": 0}, "head_dim": {"ge": 0},
+                "rope_scaling": {"choices": ("none", "llama3")}, "rope_factor": {"gt": 0},
+                "rope_low_freq_factor": {"gt": 0}, "rope_high_freq_factor": {"gt": 0}, "rope_original_max_len": {"ge": 1}}
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     out_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
 
-    logits = model.forward_cached(prompt_tokens, positions.clamp(min=0), key_mask[:, :P], cache, 0)[:, -1]
+    logits = model.forward_cached(prompt_tokens, positions.clamp(min=0), key_mask[:, :P], cache, 0,
+                                  last_only=True)[:, -1]
     next_pos = positions[:, -1] + 1
     for t in range(max_new_tokens):
         logits = logits.float()
@@ -106,7 +107,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         if not alive.any() or t == max_new_tokens - 1:
             break
         logits = model.forward_cached(out_tokens[:, t:t + 1], next_pos[:, None], key_mask[:, :P + t + 1],
-                                      cache, P + t)[:, -1]
+                                      cache, P + t, last_only=True)[:, -1]
         next_pos = next_pos + 1
 
     mask = key_mask[:, P:]

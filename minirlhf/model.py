@@ -12,6 +12,11 @@ Weight init (GPT-2 / nanoGPT): normal(0, init_std) for every matrix, and the two
 projections that write into the residual stream (attention out, MLP down) scaled by
 1/sqrt(2·n_layers) so the residual's variance does not grow with depth. RMSNorm gains
 start at 1; the scalar head starts at zero so a fresh reward/value reads 0.
+
+The same module is every imported model (minirlhf/interop): Llama, Mistral and SmolLM2
+are this architecture; Qwen2 adds biases to q/k/v (`qkv_bias`); some models have a head
+width other than dim / n_heads (`head_dim`); Llama 3.1 stretches the RoPE frequencies
+(`rope_scaling="llama3"`). Computed as in transformers, so imported logits match theirs.
 """
 from __future__ import annotations
 
@@ -40,17 +45,38 @@ class ModelConfig:
     norm_eps: float = _knob(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = _knob(True, "share the token embedding with the LM head")
     init_std: float = _knob(0.02, "std of the normal init of every weight matrix")
+    # fields below exist for imported models (Llama 3, Qwen2, Mistral ...); their defaults are
+    # the original architecture, so configs saved before they existed load unchanged
+    head_dim: int = _knob(0, "width of one attention head (0: dim / n_heads)")
+    qkv_bias: bool = _knob(False, "bias on the q/k/v projections (Qwen2)")
+    rope_scaling: str = _knob("none", "RoPE frequency scaling: none | llama3 (Llama 3.1)")
+    rope_factor: float = _knob(8.0, "llama3 RoPE scaling: factor of the low frequencies")
+    rope_low_freq_factor: float = _knob(1.0, "llama3 RoPE scaling: low_freq_factor")
+    rope_high_freq_factor: float = _knob(4.0, "llama3 RoPE scaling: high_freq_factor")
+    rope_original_max_len: int = _knob(8192, "llama3 RoPE scaling: original_max_position_embeddings")
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"config: model.{name}={getattr(self, name)!r}: must be a positive integer")
-        if self.dim % self.n_heads:
+        if not self.head_dim and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError("model.dim / model.n_heads must be even for RoPE")
+        if self.head_dim < 0 or self.head_dim_ % 2:
+            raise ValueError(f"model.head_dim={self.head_dim_} must be even for RoPE")
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: expected 'none' or 'llama3'")
+        if self.rope_scaling == "llama3" and not (
+                self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_len > 0):
+            raise ValueError("model.rope_*: llama3 scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor "
+                             "and original_max_len > 0")
+
+    @property
+    def head_dim_(self) -> int:
+        """The width of one attention head, resolved (head_dim or dim / n_heads)."""
+        return self.head_dim or self.dim // self.n_heads
 
 
 class RMSNorm(nn.Module):
@@ -65,9 +91,28 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float):
+def rope_frequencies(head_dim: int, theta: float, cfg: ModelConfig | None = None) -> torch.Tensor:
+    """Angular frequency of each rotated pair, (head_dim/2,) fp32: theta^(-2i/head_dim) (Su et al. 2021).
+
+    With cfg.rope_scaling == "llama3" (Llama 3.1, Meta's reference `apply_scaling`): wavelengths
+    longer than original_max_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between interpolates linearly in
+    original_max_len / wavelength between the two."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if cfg is None or cfg.rope_scaling == "none":
+        return inv_freq
+    ctx, lo, hi, factor = (cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                           cfg.rope_factor)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0: fully stretched, 1: kept
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, scaled)
+    return torch.where(wavelen < ctx / hi, inv_freq, scaled)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, cfg: ModelConfig | None = None):
     """cos/sin of RoPE (Su et al. 2021) for positions 0..max_pos-1, shape (max_pos, head_dim/2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta, cfg)
     angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -85,10 +130,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.head_dim_
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, cache=None, cache_pos=0):
@@ -103,12 +148,25 @@ class Attention(nn.Module):
             cache_k[:, :, cache_pos:cache_pos + T] = k
             cache_v[:, :, cache_pos:cache_pos + T] = v
             k, v = cache_k[:, :, :cache_pos + T], cache_v[:, :, :cache_pos + T]
-        # grouped-query attention: each group of n_heads/n_kv_heads query heads shares one k/v head
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = grouped_attention(q, k, v, attn_mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_attention(q, k, v, mask):
+    """Grouped-query attention (Ainslie et al. 2023): softmax(q kᵀ/√hd + mask) v, where query
+    head h reads k/v head h // G, G = n_heads / n_kv_heads.
+
+    q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B, 1, T, S) bool (True = may attend); returns
+    (B, H, T, hd). The G query heads of one group are stacked along the query axis,
+    (B, Hkv, G·T, hd), so every k/v head is read in place: expanding k/v to H heads would copy
+    the whole KV cache at every generation step, quadratic in the generated length."""
+    B, H, T, hd = q.shape
+    G = H // k.size(1)
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(B, k.size(1), G * T, hd)
+    mask = mask[:, :, None].expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * T, mask.size(-1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, T, hd)
 
 
 class SwiGLU(nn.Module):
@@ -146,7 +204,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.scalar_head = nn.Linear(cfg.dim, 1, bias=True)
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim_, cfg.max_seq_len, cfg.rope_theta, cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
@@ -160,6 +218,8 @@ class Transformer(nn.Module):
                 if name.endswith(("attn.wo.weight", "mlp.down.weight")):
                     std /= math.sqrt(2 * self.cfg.n_layers)
                 nn.init.normal_(p, 0.0, std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
         nn.init.zeros_(self.scalar_head.weight)
         nn.init.zeros_(self.scalar_head.bias)
 
@@ -201,14 +261,15 @@ class Transformer(nn.Module):
     # ---- KV-cache inference: used by generate.py ----
     def new_cache(self, batch: int, length: int):
         c = self.cfg
-        shape = (batch, c.n_kv_heads, length, c.dim // c.n_heads)
+        shape = (batch, c.n_kv_heads, length, c.head_dim_)
         dtype = self.embed.weight.dtype
         dev = self.embed.weight.device
         return [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
                 for _ in self.blocks]
 
-    def forward_cached(self, tokens, positions, key_mask, cache, cache_pos: int):
-        """Logits for `tokens` (B, t) written at cache slots cache_pos.. cache_pos+t.
+    def forward_cached(self, tokens, positions, key_mask, cache, cache_pos: int, last_only: bool = False):
+        """Logits (B, t, V) for `tokens` (B, t) written at cache slots cache_pos.. cache_pos+t;
+        with last_only, only the last token's (B, 1, V) (the LM head over a long prompt is waste).
 
         positions (B, t): each token's position; key_mask (B, cache_pos + t): which cache
         slots hold real tokens. Causality inside the t new tokens is enforced here."""
@@ -224,6 +285,8 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for block, layer_cache in zip(self.blocks, cache):
             x = block(x, cos, sin, mask[:, None], layer_cache, cache_pos)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
 

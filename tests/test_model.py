@@ -164,3 +164,89 @@ def test_left_pad_and_bad_input():
         left_pad([[1], []], PAD)
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny()(torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_configs_saved_before_the_interop_fields_still_load():
+    """config.json of an existing checkpoint has none of the new fields: defaults = the old model."""
+    old = dict(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=40,
+               rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, init_std=0.02)
+    cfg = ModelConfig(**old)
+    assert cfg.head_dim_ == 8 and not cfg.qkv_bias and cfg.rope_scaling == "none"
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    assert all(not n.endswith(".bias") or n.startswith("scalar_head") for n, _ in model.named_parameters())
+    cos, _ = rope_tables(8, 40, 10000.0)
+    assert torch.equal(model.rope_cos, cos)
+
+
+def test_llama3_rope_frequencies_match_the_reference_formula():
+    """Hand-written loop of Meta's `apply_scaling` (llama-models, Llama 3.1) as the reference."""
+    from minirlhf.model import rope_frequencies
+
+    cfg = ModelConfig(dim=64, n_heads=2, n_kv_heads=1, rope_scaling="llama3", rope_factor=8.0,
+                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=64)
+    got = rope_frequencies(32, 500000.0, cfg)
+    ref = []
+    for i in range(16):
+        f = 1.0 / 500000.0 ** (2 * i / 32)
+        wavelen = 2 * math.pi / f
+        if wavelen < 64 / 4.0:
+            ref.append(f)
+        elif wavelen > 64 / 1.0:
+            ref.append(f / 8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            ref.append((1 - smooth) * f / 8.0 + smooth * f)
+    assert torch.allclose(got, torch.tensor(ref), rtol=1e-6)
+    plain = rope_frequencies(32, 500000.0)
+    kinds = {(g / p).item() for g, p in zip(got, plain)}
+    assert min(kinds) == pytest.approx(1 / 8) and max(kinds) == pytest.approx(1.0) and len(kinds) > 2
+
+
+def test_qkv_bias_and_explicit_head_dim():
+    model = tiny(qkv_bias=True, head_dim=12)
+    attn = model.blocks[0].attn
+    assert attn.wq.weight.shape == (48, 32) and attn.wk.bias.shape == (24,) and attn.wo.weight.shape == (32, 48)
+    assert attn.wo.bias is None
+    # the biases take part: changing one changes the output
+    x = torch.randint(4, 50, (1, 6))
+    a = model(x)
+    with torch.no_grad():
+        attn.wk.bias.add_(0.5)
+    assert not torch.allclose(a, model(x), atol=1e-4)
+    # and cached generation still equals the uncached forward
+    gen = generate(model, [[2, 5, 6, 7], [2, 8]], max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(gen.logprobs, _full_forward_logprobs(model, gen, 1.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(rope_scaling="yarn"), dict(head_dim=7), dict(rope_scaling="llama3", rope_factor=0.0)])
+def test_bad_model_configs(bad):
+    with pytest.raises(ValueError, match="model"):
+        ModelConfig(**bad)
+
+
+def test_generation_reads_the_kv_cache_in_place(monkeypatch):
+    """Each decoding step's attention reads k/v straight out of the preallocated cache: no
+    per-step copy of the cache (expanding k/v for GQA would allocate new tensors every step)."""
+    import minirlhf.model as M
+
+    model = tiny(n_kv_heads=1)  # 4 query heads share one k/v head
+    caches, seen = [], []
+    real_new_cache, real_sdpa = model.new_cache, F.scaled_dot_product_attention
+
+    def new_cache(*a):
+        caches.extend(model_cache := real_new_cache(*a))
+        return model_cache
+
+    def sdpa(q, k, v, **kw):
+        seen.append((k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr(), q.size(-2)))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(model, "new_cache", new_cache)
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", sdpa)
+    generate(model, [[2, 5, 6], [2, 7]], max_new_tokens=5, eos_id=-1, pad_id=PAD, temperature=1.0,
+             generator=torch.Generator().manual_seed(0))
+    storages = {t.untyped_storage().data_ptr() for kv in caches for t in kv}
+    assert len(seen) == 2 * 5  # 2 layers x (prefill + 4 decoding steps)
+    assert all(k in storages and v in storages for k, v, _ in seen)

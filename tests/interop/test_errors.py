@@ -1,0 +1,140 @@
+"""Unsupported configs and corrupt files: one line naming the file and field/tensor, exit 2, no model."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minirlhf.cli import main as cli
+from minirlhf.interop import load_pretrained
+
+from .conftest import build_hf_model
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    build_hf_model("mistral", d)
+    return d
+
+
+def _copy(good, tmp_path, **config_changes):
+    d = tmp_path / "m"
+    shutil.copytree(good, d)
+    if config_changes:
+        c = json.loads((d / "config.json").read_text())
+        for k, v in config_changes.items():
+            if v is None:
+                c.pop(k, None)
+            else:
+                c[k] = v
+        (d / "config.json").write_text(json.dumps(c))
+    return d
+
+
+def _refused(path, capsys, *expect, max_seq_len=None):
+    """The CLI exits 2 with one line containing each expected string; the library raises ValueError."""
+    args = ["generate", "--init-from", str(path), "--prompt", "hi"]
+    if max_seq_len:
+        args += ["--max-seq-len", str(max_seq_len)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for s in expect:
+        assert s in err, (s, err)
+    with pytest.raises(ValueError):
+        load_pretrained(path, max_seq_len)
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_parameters.rope_type='yarn'"),
+    (dict(rope_parameters=None, rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 2.0}),
+     "rope_scaling.rope_type='dynamic'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "low_freq_factor"),
+    (dict(model_type="gpt2"), "model_type='gpt2'"),
+    (dict(architectures=["MistralForSequenceClassification"]), "architectures"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(head_dim=15), "head_dim=15"),
+    (dict(sliding_window=16), "sliding_window=16"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(hidden_size=None), "hidden_size: missing"),
+])
+def test_unsupported_configs_are_one_line(good, tmp_path, capsys, changes, field):
+    _refused(_copy(good, tmp_path, **changes), capsys, "config.json", field, max_seq_len=32)
+
+
+def test_max_seq_len_beyond_the_model(good, tmp_path, capsys):
+    _refused(good, capsys, "max_position_embeddings=128", max_seq_len=256)
+
+
+def test_corrupt_safetensors_missing_tensor_wrong_shape(good, tmp_path, capsys):
+    d = _copy(good, tmp_path)
+    st = d / "model.safetensors"
+    tensors = {k: v.clone() for k, v in load_file(st).items()}  # (not mapped: the file is overwritten below)
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    _refused(d, capsys, "model.safetensors", "corrupt safetensors")
+    st.write_bytes(data[:5])
+    _refused(d, capsys, "model.safetensors", "corrupt safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}, st)
+    _refused(d, capsys, "tensor model.layers.1.mlp.up_proj.weight is missing")
+    save_file({**tensors, "model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}, st)
+    _refused(d, capsys, "model.layers.0.self_attn.k_proj.weight has shape (64, 64), expected (32, 64)")
+    save_file({**tensors, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, st)
+    _refused(d, capsys, "o_proj.bias is not part of")
+
+
+def test_missing_files(good, tmp_path, capsys):
+    d = _copy(good, tmp_path)
+    (d / "config.json").write_text("{\"model_type\": \"llama\",")
+    _refused(d, capsys, "config.json", "line 1")
+    d = _copy(good, tmp_path / "b")
+    (d / "model.safetensors").unlink()
+    _refused(d, capsys, "no model.safetensors")
+    d = _copy(good, tmp_path / "c")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    _refused(d, capsys, "shard model-00001-of-00002.safetensors is missing")
+    _refused(tmp_path / "nowhere", capsys, "nowhere")
+
+
+def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2", extra=None):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_feed_forward_length(8)
+    w.add_head_count(2)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(1)
+    for k, v in (extra or {}).items():
+        w.add_string(k, v)
+    w.add_tensor("token_embd.weight", torch.zeros(3, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_refusals(tmp_path, capsys):
+    _tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    _refused(tmp_path / "gpt2.gguf", capsys, "general.architecture='gpt2'")
+    _tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")
+    _refused(tmp_path / "spm.gguf", capsys, "tokenizer.ggml.model='llama'")
+    _tiny_gguf(tmp_path / "yarn.gguf", extra={"llama.rope.scaling.type": "yarn"})
+    _refused(tmp_path / "yarn.gguf", capsys, "llama.rope.scaling.type='yarn'")
+    _tiny_gguf(tmp_path / "pre.gguf", extra={"tokenizer.ggml.pre": "deepseek-llm"})
+    _refused(tmp_path / "pre.gguf", capsys, "tokenizer.ggml.pre='deepseek-llm'")
+    _tiny_gguf(tmp_path / "nopre.gguf")  # llama.cpp's 'default' pre-tokenizer: not a known tokenizer.json
+    _refused(tmp_path / "nopre.gguf", capsys, "tokenizer.ggml.pre='default'")
+    _tiny_gguf(tmp_path / "ok.gguf", extra={"tokenizer.ggml.pre": "gpt-2"})
+    _refused(tmp_path / "ok.gguf", capsys, "tensor blk.0.attn_norm.weight is missing (and 9 more)")
+    data = (tmp_path / "ok.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 40])
+    _refused(tmp_path / "cut.gguf", capsys, "cut.gguf", "corrupt")
