@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -111,8 +112,8 @@ def cpu_threads(requested: int = 0, env=None, cores: int | None = None) -> int:
     core (as always). Under torchrun: the cores this process may use divided by the processes
     on this node (LOCAL_WORLD_SIZE), at least 1 — N processes with all cores each oversubscribe
     the machine (two 2-thread trainings on 2 cores ran 10x slower than one). OMP_NUM_THREADS
-    counts as the user's choice there too, except torchrun's own default of 1, which it sets
-    whenever nobody did (pass --dist.threads 1 to force one thread)."""
+    counts as the user's choice there too, except a 1 next to several local processes: that is
+    what torchrun sets when nobody did (pass --dist.threads 1 to force one thread)."""
     env = os.environ if env is None else env
     if requested > 0:
         return requested
@@ -120,7 +121,7 @@ def cpu_threads(requested: int = 0, env=None, cores: int | None = None) -> int:
     omp = env.get("OMP_NUM_THREADS")
     if local <= 1 and int(env.get("WORLD_SIZE", "1")) <= 1:
         return int(omp or 0) or os.cpu_count() or 1
-    if omp and omp != "1":
+    if omp and (omp != "1" or local <= 1):
         return int(omp)
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -225,8 +226,9 @@ def end_on_error(e: BaseException) -> int | None:
     first = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, (dist.DistError, TimeoutError)) or any(
             s in first for s in ("gloo", "NCCL", "Connection", "Timed out", "timed out", "closed")):
-        report_failure(f"error: lost contact with the other processes ({type(e).__name__}: {first[:300]}); "
-                       f"every process stops, finished checkpoints are kept — rerun with --resume")
+        why = re.sub(r"^\[[^\]]*\] ", "", first).split(". ")[0][:200]  # without gloo's source location
+        report_failure(f"error: lost contact with the other processes ({why}); every process stops, the last "
+                       f"checkpoint is kept — rerun with --resume")
         return 1
     if not _claim(f"[rank {rank()}] {type(e).__name__}: {first}"):
         return 1
@@ -508,4 +510,5 @@ def load_optimizer_state(optimizer, models: dict, state: dict) -> None:
     names = _param_names(module, optimizer)
     full = {"state": {names[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(module, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    # strict=False: a parameter that never had a gradient (the policy's scalar head) has no AdamW state
+    set_optimizer_state_dict(module, optimizer, full, options=StateDictOptions(full_state_dict=True, strict=False))
