@@ -387,14 +387,16 @@ def prepare(models: dict) -> dict:
         return dict(models)
     if _world.strategy == "ddp":
         return {n: Replicated(m, _world.device) for n, m in models.items()}
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     # the scalar head's output is a view: we never change it in place, which is what this warns about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(_world.device.type, (size(),))  # the run's device (a CPU run may have a GPU)
     for m in models.values():
         for block in m.blocks:
-            fully_shard(block)
-        fully_shard(m)
+            fully_shard(block, mesh=mesh)
+        fully_shard(m, mesh=mesh)
         register_fsdp_forward_method(m, "scalars")
         with torch.no_grad():  # FSDP2 makes the first module to run forward its root: the model, not a block
             m(torch.zeros((1, 1), dtype=torch.long, device=_world.device))
