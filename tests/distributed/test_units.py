@@ -117,6 +117,7 @@ def test_accuracies_of_shares_combine_into_the_whole(tiny_run):
         assert combined[k] == pytest.approx(v, rel=1e-12), k
 
 
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
 def test_fsdp_optimizer_state_is_the_one_process_state(tmp_path):
     """fully_shard on a one-process gloo group: after the same AdamW step, optimizer_state gives what
     a plain model's optimizer.state_dict() gives, and load_optimizer_state puts it back."""
