@@ -1,8 +1,6 @@
 """The pieces of minirlhf/distributed.py that need no second process: the thread rule, the shards,
 the plain-torch global whitening statistics, combining RM accuracies, FSDP2's optimizer state in
 the one-process format, and the option's --help."""
-import threading
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -61,42 +59,22 @@ def test_share_of_a_mean_sums_to_the_global_mean(world):
     assert torch.isclose(sum(shares) / 3, values.mean())
 
 
-def in_ranks(n_ranks: int, work):
-    """work(rank, all_reduce) on n threads standing for ranks; all_reduce sums a tensor in place
-    over them, as torch.distributed.all_reduce does. Returns each rank's result."""
-    barrier, parts, results = threading.Barrier(n_ranks), [None] * n_ranks, [None] * n_ranks
-
-    def run(r):
-        def all_reduce(t):
-            parts[r] = t.clone()
-            barrier.wait()
-            t.copy_(torch.stack(parts).sum(0))
-            barrier.wait()
-        results[r] = work(r, all_reduce)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(n_ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def test_torch_global_whitening_statistics_equal_the_cpp_ones_and_the_whole_batch():
+    """ppo.masked_mean_var (the plain-torch definition) against rollout.masked_mean_var (C++) and
+    the whole batch: alone, and as one of k ranks that hold the same shard (an all_reduce that
+    multiplies by k), whose global statistics are those of the shard repeated k times."""
     g = torch.Generator().manual_seed(3)
     B, T = 20, 17
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     x = torch.randn(B, T, generator=g) * 3 + 1.5
     x[~ppo.response_mask(lengths, T)] = float("nan")  # padding is never read
-    valid = x[ppo.response_mask(lengths, T)].double()
-    whole = (valid.mean().item(), valid.var().item())
-    for path in (ppo, rollout):  # the plain-torch definition and the C++ one
-        assert torch.allclose(torch.tensor(path.masked_mean_var(x, lengths)), torch.tensor(whole), rtol=1e-12)
-        cuts = [0, 3, 11, B]
-        stats = in_ranks(3, lambda r, all_reduce: path.masked_mean_var(
-            x[cuts[r]:cuts[r + 1]], lengths[cuts[r]:cuts[r + 1]], all_reduce=all_reduce))
-        assert stats[0] == stats[1] == stats[2]
-        assert torch.allclose(torch.tensor(stats[0]), torch.tensor(whole), rtol=1e-12)
+    for k in (1, 2, 3):
+        valid = x[ppo.response_mask(lengths, T)].double().repeat(k)
+        whole = torch.tensor([valid.mean().item(), valid.var().item()])
+        all_reduce = None if k == 1 else (lambda t, k=k: t.mul_(k))
+        for path in (ppo, rollout):  # the plain-torch definition and the C++ one
+            stats = torch.tensor(path.masked_mean_var(x, lengths, all_reduce=all_reduce))
+            assert torch.allclose(stats, whole, rtol=1e-12), (k, path.__name__)
     with pytest.raises(ValueError, match="at least 2 valid tokens"):
         ppo.masked_mean_var(x[:1], torch.tensor([1]))
 
