@@ -281,6 +281,9 @@ def main(argv=None) -> int:
             from .label.cli import main as label_main
             return label_main(args)
         if args.command == "experiment":
+            if distributed.launched():  # its bookkeeping files (arm links, arm.json, plots) assume one process
+                raise ValueError("experiment: run it without torchrun; to spread one arm over N processes, run "
+                                 "`torchrun --nproc_per_node N -m minirlhf train` with the arm's options and --out")
             from .experiments.cli import main as experiment_main
             code = experiment_main(args)
         else:

@@ -293,11 +293,12 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
                                  gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
                                  seq_len=cfg.pretrain.seq_len, seed=cfg.seed, device=resolve_device(cfg.device))
     wall["eval"] = round(time.time() - t0, 1)
-    if not distributed.is_main():  # the report and summary are written once
-        return {}
-    wall_path.write_text(json.dumps(wall))
-    summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
-                           total_wall=time.time() - t_start)
+    summary = {}
+    if distributed.is_main():  # the report and summary are written once
+        wall_path.write_text(json.dumps(wall))
+        summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
+                               total_wall=time.time() - t_start)
+    distributed.barrier()  # every rank returns once they are on disk
     print(f"[train] done in {time.time() - t_start:.0f}s: {run_dir / 'report.md'}")
     return summary
 
@@ -337,4 +338,5 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
     out = {k: {kk: vv for kk, vv in v.items() if kk not in ("responses", "rm_scores")} for k, v in results.items()}
     if distributed.is_main():
         (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+    distributed.barrier()
     return out

@@ -341,8 +341,9 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                     losses = {"pg_loss": pg_loss, "vf_loss": vf_loss}
                     if ptx_stream is not None:  # PPO-ptx: + γ · LM loss on pretraining text (InstructGPT eq. 2)
                         x, y = random_windows(ptx_stream, pc.ptx_batch_size, cfg.pretrain.seq_len, ptx_rng)
-                        ptx = ptx_loss(policy, x.to(device), y.to(device))
-                        losses["ptx_loss"] = pc.ptx_coef * ptx
+                        (x, w), (y, _) = distributed.shard(x), distributed.shard(y)  # this rank's windows
+                        ptx = ptx_loss(views["model"], x.to(device), y.to(device))
+                        losses["ptx_loss"] = pc.ptx_coef * distributed.share(ptx, len(x) * w, pc.ptx_batch_size)
                         stats["ptx_loss"].append(float(ptx.detach()))
                 optim.step(optimizer, [policy, critic], losses, pc.grad_clip)
                 with torch.no_grad():  # the probability ratio, for the diagnostics

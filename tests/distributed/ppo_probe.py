@@ -24,7 +24,7 @@ from minirlhf.stages import ppo
 
 def main(sft_dir: str, rm_dir: str, out: str, replay: str | None = None) -> None:
     out = Path(out)
-    cfg = replace(PRESETS["tiny"](), ppo={"iterations": 1, "eval_every": None})
+    cfg = replace(PRESETS["tiny"](), ppo={"iterations": 1, "eval_every": None, "ptx_coef": 0.5})  # with PPO-ptx
     distributed.init(cfg.model)
     rec: dict = {}
     generate = ppo.generate
@@ -65,8 +65,9 @@ def main(sft_dir: str, rm_dir: str, out: str, replay: str | None = None) -> None
     ppo.generate, rollout.whiten, rollout.masked_mean_var = recorded_generate, recorded_whiten, recorded_statistics
     ppo.kl_controller, distributed.prepare = recorded_controller, recorded_prepare
     out.mkdir(parents=True, exist_ok=True)
-    ppo.run_ppo(cfg, out / "ppo", sft_dir=sft_dir, rm_dir=rm_dir, prompts=load_inputs(cfg).ppo_prompts,
-                metrics=Metrics(out))
+    inputs = load_inputs(cfg)
+    ppo.run_ppo(cfg, out / "ppo", sft_dir=sft_dir, rm_dir=rm_dir, prompts=inputs.ppo_prompts, metrics=Metrics(out),
+                pretrain_corpus=inputs.corpus)
     torch.save({"advantages": rec["advantages"], "whitened": rec["whitened"], "mask": rec["mask"],
                 "statistics": rec["statistics"], "kl_coef": rec["controller"].value,
                 **{name: {k: v.detach().clone() for k, v in m.state_dict().items()}

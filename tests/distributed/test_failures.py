@@ -41,3 +41,10 @@ def test_error_on_one_rank_ends_all_with_its_one_line(ddp_train, tmp_path):
     assert r.stderr.count("error: ") == 1, r.stderr[-3000:]
     assert "error: [rank 1] ppo stopped at step 1: fault injected (MINIRLHF_FAIL_AT)\n" in r.stderr
     assert checkpoint.read_meta(tmp_path / "ppo")["step"] == 1  # saved before the failure
+
+
+def test_a_mistake_before_the_process_group_is_one_line(tmp_path):
+    """Every rank makes the same mistake before the group exists: local rank 0 says it, once."""
+    r = torchrun("experiment", "kl-sweep", "--smoke", "--out", tmp_path)
+    assert r.returncode != 0 and r.stderr.count("error: ") == 1
+    assert "error: experiment: run it without torchrun" in r.stderr
