@@ -1,6 +1,10 @@
 """When one rank fails, every rank ends (non-zero, within the collective timeout, never hanging),
 the error is printed once, in one line, and the last checkpoint is intact: --resume finishes with
 the weights of an uninterrupted run."""
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -28,9 +32,16 @@ def test_killed_rank_ends_all_ranks_and_resume_finishes(ddp_train, tmp_path):
     assert checkpoint.load_state(tmp_path / "ppo")["step"] == 1
     again = torchrun(*_ppo_args(run, tmp_path))  # without --resume: refused, once, in one line
     assert again.returncode != 0 and again.stderr.count("error: ") == 1 and "--resume" in again.stderr
+    shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "-one"))
     ok(torchrun(*_ppo_args(run, tmp_path), "--resume"))
     for name in ("model", "critic"):  # the uninterrupted run's ppo stage, from the same inputs
         assert_same_weights(run / "ppo", tmp_path / "ppo", name, exact=True)
+    # another number of processes resumes it too (whole models, plain optimizer states, world-free batches)
+    one = tmp_path.with_name(tmp_path.name + "-one")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIRLHF_")}
+    ok(subprocess.run([sys.executable, "-m", "minirlhf", *map(str, _ppo_args(run, one)), "--resume"],
+                      env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240))
+    assert checkpoint.is_finished(one / "ppo") and checkpoint.read_meta(one / "ppo")["step"] == 2
 
 
 def test_error_on_one_rank_ends_all_with_its_one_line(ddp_train, tmp_path):
