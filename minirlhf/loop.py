@@ -8,9 +8,10 @@ its metrics, progress bar and periodic resume checkpoints, and the final save.
     finish(out_dir, run.save, step, info, evaluate=...)    # saved first, evaluated second
 
 A stage is a plain function that builds its models and data, defines `train_step(step) ->
-metrics row`, and calls these. Nothing here knows what a stage trains. Under torchrun the models are wrapped for DDP or
-FSDP2 here (distributed.prepare: a stage trains through run.views), and checkpoints are
-written by rank 0 only, from whole models and plain optimizer states.
+metrics row`, and calls these. Nothing here knows what a stage trains. Under torchrun the
+models are wrapped for DDP or FSDP2 here (distributed.prepare: a stage trains through
+run.views), and checkpoints are written by rank 0 only, from whole models and plain
+optimizer states.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ byte for byte, one PPO iteration's advantages, whitening statistics and β equal
 ends with the same perplexities and RM accuracy and with gold within its sampling error."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -68,8 +69,7 @@ def test_one_ppo_iteration_has_the_one_process_advantages_statistics_and_beta(ti
     sft, rm = tiny_run[0] / "sft", tiny_run[0] / "rm"
     probe = HERE / "ppo_probe.py"
     single = subprocess.run([sys.executable, str(probe), str(sft), str(rm), str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
-                                                                              "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ok(single)
     ok(torchrun(probe, sft, rm, tmp_path / "two", "--replay", tmp_path / "one" / "generation.pt"))
     one = torch.load(tmp_path / "one" / "rank0.pt")
