@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
+from . import distributed
 from .checkpoint import NonFiniteError
 from .loop import StageStopped
 
@@ -126,6 +127,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         top.add_argument(flag, dest=f"cfg:{f.name}", default=argparse.SUPPRESS, metavar=field_type(f).__name__.upper(),
                          help=_help(None, f, getattr(defaults, f.name)),
                          **({"nargs": "?", "const": "true"} if f.name == "skip_sft" else {}))
+    group = p.add_argument_group("dist", "several processes under torchrun (see README, Many devices); "
+                                         "results do not depend on these beyond float rounding")
+    group.add_argument("--dist.strategy", dest="dist_strategy", default="auto", choices=distributed.STRATEGIES,
+                       help=distributed.STRATEGY_HELP + " (default: auto)")
+    group.add_argument("--dist.timeout", dest="dist_timeout", type=bounded(float, gt=0), default=600.0,
+                       metavar="SECONDS", help="how long a collective waits for the other processes before every "
+                       "process stops with an error (no hang when one dies) (default: 600)")
+    group.add_argument("--dist.threads", dest="dist_threads", type=bounded(int, ge=0), default=0, metavar="INT",
+                       help="CPU threads per process; 0 = the cores this process may use divided by the processes "
+                       "on its node (in one process: OMP_NUM_THREADS or every core) (default: 0)")
     for section in C.SECTIONS:
         sub = getattr(defaults, section)
         doc = (type(sub).__doc__ or "").strip()
@@ -203,7 +214,8 @@ def _announce(cfg: C.RunConfig, run_dir: Path) -> None:
     for section, values in resolved.items():
         if isinstance(values, dict):
             print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=1))
+    if distributed.is_main():
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1))
 
 
 def cmd_generate(args) -> int:
@@ -243,8 +255,11 @@ def cmd_data(args) -> int:
 
 def cmd_stages(args) -> int:
     from . import pipeline
+    from .device import resolve_device
 
     cfg = resolve_config(args)
+    distributed.init(cfg.model, resolve_device(cfg.device),  # several processes under torchrun; else nothing
+                     distributed.Options(args.dist_strategy, args.dist_timeout, args.dist_threads))
     run_dir = _run_dir(args, cfg)
     _announce(cfg, run_dir)
     if args.command == "train":
@@ -268,20 +283,33 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "experiment" and distributed.launched():
+            # its bookkeeping files (arm links, arm.json, plots) assume one process
+            raise ValueError("experiment: run it without torchrun; to spread one arm over N processes, run "
+                             "`torchrun --nproc_per_node N -m minirlhf train` with the arm's options and --out")
         if args.command in PLUGGED:
             module, function = PLUGGED[args.command]
-            return getattr(importlib.import_module(module, __package__), function)(args)
-        return cmd_stages(args)
+            code = getattr(importlib.import_module(module, __package__), function)(args)
+        else:
+            code = cmd_stages(args)
+        distributed.shutdown()
+        return code
+    # an error is printed once per run: under torchrun by the process that hit it first (distributed.py)
     except ValueError as e:  # user mistakes: bad option, bad value, bad data file, missing checkpoint
-        print(f"error: {e}", file=sys.stderr)
+        distributed.report_failure(f"error: {e}")
         return 2
     except FileNotFoundError as e:
-        print(f"error: {e.filename}: no such file", file=sys.stderr)
+        distributed.report_failure(f"error: {e.filename}: no such file")
         return 2
     except (StageStopped, NonFiniteError) as e:  # the run cannot go on; what finished is kept
-        print(f"error: {e}", file=sys.stderr)
+        distributed.report_failure(f"error: {e}")
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; rerun with --resume to continue the current one",
               file=sys.stderr)
         return 130
+    except Exception as e:  # several processes: a lost peer, or another rank's failure, ends this one quietly
+        code = distributed.end_on_error(e)
+        if code is None:
+            raise
+        return code

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 
 import numpy as np
@@ -31,4 +30,13 @@ def seed_everything(seed: int) -> None:
 
 
 def use_all_cores() -> None:
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+    """torch's CPU threads: OMP_NUM_THREADS or every core in one process; under torchrun the cores
+    this process may use divided by the processes on its node (distributed.cpu_threads), also for
+    the C++ rollout buffer."""
+    from . import distributed
+
+    threads = distributed.cpu_threads(distributed.threads_option())
+    torch.set_num_threads(threads)
+    if distributed.launched():
+        from . import rollout
+        rollout.set_num_threads(threads)

@@ -3,7 +3,8 @@ reference, held-out perplexity.
 
 This is the only place the gold function scores a policy's responses: PPO calls
 `evaluate_policy` every `eval_every` iterations to draw the gold curve, never to compute a
-reward. report.py writes what this measures.
+reward. report.py writes what this measures. Under torchrun each rank evaluates its
+contiguous share of the prompts (and windows) and the results are gathered in order.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .device import autocast
 from .generate import generate
 from .loop import fault_point
@@ -50,13 +51,17 @@ def stream_loss(model: Transformer, stream: torch.Tensor, seq_len: int, max_wind
     was_training = model.training
     model.eval()
     x, y = heldout_windows(stream, max_windows, seq_len)
+    rows = distributed.shard_slice(len(x))  # this rank's windows; the sums are added over the ranks
+    x, y = x[rows], y[rows]
     total, count = 0.0, 0
-    for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
-        with autocast(device):
-            logits = model(xb)
-        total += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="sum").item()
-        count += yb.numel()
+    with distributed.gathered(model):
+        for i in range(0, len(x), batch):
+            xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+            with autocast(device):
+                logits = model(xb)
+            total += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="sum").item()
+            count += yb.numel()
+    total, count = distributed.all_sum(total, count)
     model.train(was_training)
     return total / count
 
@@ -75,24 +80,28 @@ def evaluate_policy(model: Transformer, tokenizer, prompts: list, *, gold_score=
     errors, the response texts and per-response RM scores."""
     model.eval()
     device = model.embed.weight.device
-    g = torch.Generator(device=device).manual_seed(seed)
+    mine = prompts[distributed.shard_slice(len(prompts))]  # this rank's share; gathered below in order
+    g = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))
     responses, kls, lengths, truncated, rm_scores = [], [], [], [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        gen = generate(model, [tokenizer.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, generator=g)
-        responses += [tokenizer.decode(t) for t in gen.tokens]
-        lengths += gen.lengths.tolist()
-        truncated += gen.truncated.tolist()
-        with autocast(device):
-            if rm is not None:
-                rm_scores += score_rollouts(rm, gen, tokenizer.eos_id).float().tolist()
-            if ref is not None:
-                tokens, attn = gen.full()
-                P, t = gen.prompt_tokens.size(1), temperature or 1.0
-                lp = response_logprobs(model, tokens, attn, P, t)
-                lp_ref = response_logprobs(ref, tokens, attn, P, t)
-                kls += ((lp - lp_ref) * gen.mask).sum(1).tolist()
+    with distributed.gathered(model):
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i:i + batch_size]
+            gen = generate(model, [tokenizer.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, generator=g)
+            responses += [tokenizer.decode(t) for t in gen.tokens]
+            lengths += gen.lengths.tolist()
+            truncated += gen.truncated.tolist()
+            with autocast(device):
+                if rm is not None:
+                    rm_scores += score_rollouts(rm, gen, tokenizer.eos_id).float().tolist()
+                if ref is not None:
+                    tokens, attn = gen.full()
+                    P, t = gen.prompt_tokens.size(1), temperature or 1.0
+                    lp = response_logprobs(model, tokens, attn, P, t)
+                    lp_ref = response_logprobs(ref, tokens, attn, P, t)
+                    kls += ((lp - lp_ref) * gen.mask).sum(1).tolist()
+    responses, kls, lengths, truncated, rm_scores = (
+        distributed.gather(x) for x in (responses, kls, lengths, truncated, rm_scores))
     out = {"n": len(prompts), "response_len": sum(lengths) / max(len(lengths), 1),
            "truncated_frac": sum(truncated) / max(len(truncated), 1), "responses": responses}
     if gold_score is not None:

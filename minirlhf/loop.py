@@ -3,11 +3,15 @@ its metrics, progress bar and periodic resume checkpoints, and the final save.
 
     run = open_stage(out_dir, stage, resume=..., device=..., init=lambda: {"model": ...},
                      optimizers=lambda models: {"model": AdamW(...)}, tokenizer=..., extra_state=...)
+    logits = run.views["model"](tokens, attn)   # a forward whose gradients are averaged over the ranks
     step = loop(stage, run.step, total, train_step, run.save, metrics, save_every=..., show=(...))
     finish(out_dir, run.save, step, info, evaluate=...)    # saved first, evaluated second
 
 A stage is a plain function that builds its models and data, defines `train_step(step) ->
-metrics row`, and calls these. Nothing here knows what a stage trains.
+metrics row`, and calls these. Nothing here knows what a stage trains. Under torchrun the
+models are wrapped for DDP or FSDP2 here (distributed.prepare: a stage trains through
+run.views), and checkpoints are written by rank 0 only, from whole models and plain
+optimizer states.
 """
 from __future__ import annotations
 
@@ -19,19 +23,24 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .checkpoint import NonFiniteError
 from .metrics import Metrics, progress
 
 # Fault injection for the kill-and-resume tests: MINIRLHF_KILL_AT="ppo:3" sends SIGKILL to this
-# process right after step 3 of the ppo stage was logged (and saved, if it was a save step).
-KILL_AT_ENV = "MINIRLHF_KILL_AT"
+# process right after step 3 of the ppo stage was logged (and saved, if it was a save step);
+# "ppo:3@1" only to rank 1 of several. MINIRLHF_FAIL_AT (same form) raises StageStopped there
+# instead: an error on one rank.
+KILL_AT_ENV, FAIL_AT_ENV = "MINIRLHF_KILL_AT", "MINIRLHF_FAIL_AT"
 
 
 def fault_point(stage: str, step: int) -> None:
-    """Die here (SIGKILL, like a crash) if MINIRLHF_KILL_AT names this stage and step."""
-    if os.environ.get(KILL_AT_ENV) == f"{stage}:{step}":
+    """Die here (SIGKILL, like a crash) if MINIRLHF_KILL_AT names this stage and step (and rank)."""
+    here = (f"{stage}:{step}", f"{stage}:{step}@{distributed.rank()}")
+    if os.environ.get(KILL_AT_ENV) in here:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(FAIL_AT_ENV) in here:
+        raise StageStopped(f"{stage} stopped at step {step}: fault injected ({FAIL_AT_ENV})")
 
 
 class StageStopped(RuntimeError):
@@ -40,12 +49,15 @@ class StageStopped(RuntimeError):
 
 class Run(NamedTuple):
     """What open_stage gives a stage: its models and optimizers (by name), the resume state
-    (None for a fresh start), the step to continue from, and save(step, finished, info=None)."""
+    (None for a fresh start), the step to continue from, save(step, finished, info=None), and
+    the views to train each model through (its forward and scalars; under torchrun the DDP
+    wrapper, whose backward averages gradients over the ranks; else the model itself)."""
     models: dict
     optimizers: dict
     state: dict | None
     step: int
     save: Callable
+    views: dict
 
 
 def open_stage(out_dir, stage: str, *, resume: bool, device, init: Callable[[], dict], optimizers: Callable,
@@ -54,9 +66,10 @@ def open_stage(out_dir, stage: str, *, resume: bool, device, init: Callable[[], 
     optimizers(models) with their states, every RNG and the step restored from the checkpoint,
     and the save function (see saver). A stage restores its own extras from run.state."""
     models, state = start(out_dir, resume=resume, init=init, device=device, names=names)
+    views = distributed.prepare(models)  # DDP views, or FSDP2 shards (before the optimizers see the parameters)
     opts = optimizers(models)
-    step = restore(state, opts)
-    return Run(models, opts, state, step, saver(out_dir, stage, models, tokenizer, opts, extra_state))
+    step = restore(state, opts, models)
+    return Run(models, opts, state, step, saver(out_dir, stage, models, tokenizer, opts, extra_state), views)
 
 
 def start(out_dir, *, resume: bool, init: Callable[[], dict], device, names=("model",)):
@@ -69,12 +82,12 @@ def start(out_dir, *, resume: bool, init: Callable[[], dict], device, names=("mo
     return init(), None
 
 
-def restore(state: dict | None, optimizers: dict) -> int:
+def restore(state: dict | None, optimizers: dict, models: dict) -> int:
     """Load optimizer states and every RNG from a resume state; returns the step to continue from."""
     if state is None:
         return 0
     for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
+        distributed.load_optimizer_state(opt, models, state["optimizers"][name])
     checkpoint.set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -82,14 +95,17 @@ def restore(state: dict | None, optimizers: dict) -> int:
 def saver(out_dir, stage: str, models: dict, tokenizer, optimizers: dict,
           extra_state: Callable[[], dict] = dict) -> Callable:
     """save(step, finished, info=None): the stage's atomic checkpoint (checkpoint.save), with
-    everything --resume needs: optimizer states, RNG, and the stage's extra_state()."""
-    models = dict(models)
-    main = models.pop("model")
-
+    everything --resume needs: optimizer states, RNG, and the stage's extra_state(). Under
+    torchrun rank 0 writes it (FSDP2 shards are gathered to it first) while the others wait."""
     def save(step: int, finished: bool, info: dict | None = None) -> None:
-        checkpoint.save(out_dir, stage=stage, model=main, tokenizer=tokenizer, step=step, finished=finished,
-                        extra_models=models, info=info,
-                        state={"optimizers": {n: o.state_dict() for n, o in optimizers.items()}, **extra_state()})
+        whole = {n: distributed.whole_model(m) for n, m in models.items()}
+        state = {"optimizers": {n: distributed.optimizer_state(o, models) for n, o in optimizers.items()},
+                 **extra_state()}
+        if distributed.is_main():
+            main = whole.pop("model")
+            checkpoint.save(out_dir, stage=stage, model=main, tokenizer=tokenizer, step=step, finished=finished,
+                            extra_models=whole, info=info, state=state)
+        distributed.barrier()
     return save
 
 
@@ -154,5 +170,6 @@ def finish(out_dir, save: Callable, step: int, info: dict, *, evaluate: Callable
               file=sys.stderr)
         extra = {"eval_error": msg}
     extra["eval_wall_s"] = round(time.time() - t0, 1)
-    checkpoint.update_info(Path(out_dir), **extra)
+    if distributed.is_main():
+        checkpoint.update_info(Path(out_dir), **extra)
     return {**info, **extra}

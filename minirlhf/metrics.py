@@ -8,17 +8,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .distributed import is_main
+
 METRICS_FILE = "metrics.jsonl"
 
 
 class Metrics:
-    """Appends {"stage", "step", "time", **values} per call to run_dir/metrics.jsonl, flushed at once."""
+    """Appends {"stage", "step", "time", **values} per call to run_dir/metrics.jsonl, flushed at once
+    (under torchrun by rank 0 only: the values a stage logs are those of the whole batch)."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, stage: str, step: int, **values) -> None:
+        if not is_main():
+            return
         row = {"stage": stage, "step": step, "time": round(time.time(), 3),
                **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}}
         with open(self.path, "a") as f:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig
 from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
                    row_lines)
@@ -141,6 +141,11 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
             raise ValueError(f"{cfg.data.preferences}:0: file: {len(inputs.preferences)} comparison(s) with a "
                              f"preference; after holding out rm.heldout_fraction={cfg.rm.heldout_fraction} none is left "
                              f"to train on (give more, or --rm.heldout_fraction 0)")
+    if "ppo" in stages and distributed.active():  # every rank generates and trains on an equal share
+        for name, n in (("batch_size", cfg.ppo.batch_size), ("minibatch_size", cfg.ppo.minibatch_size)):
+            if n % distributed.size():
+                raise ValueError(f"config: ppo.{name}={n}: must be divisible by the {distributed.size()} processes "
+                                 f"(each generates and trains on an equal share)")
     if "ppo" in stages and len(inputs.ppo_prompts) < cfg.ppo.batch_size:
         notes.append(f"{len(inputs.ppo_prompts)} PPO prompts < ppo.batch_size={cfg.ppo.batch_size}: each iteration "
                      f"draws its batch with replacement")
@@ -154,8 +159,13 @@ def run_tokenizer(cfg: RunConfig, run_dir: Path, corpus: list[str]):
     if checkpoint.exists(run_dir / "pretrain"):
         return checkpoint.load_tokenizer(run_dir / "pretrain")
     path = run_dir / TOKENIZER_FILE
-    if path.exists():
-        return Tokenizer.load(path)
+    with distributed.main_first():  # rank 0 trains and writes it, the others read it
+        if path.exists():
+            return Tokenizer.load(path)
+        return _train_tokenizer(cfg, path, corpus)
+
+
+def _train_tokenizer(cfg: RunConfig, path: Path, corpus: list[str]):
     tokenizer = Tokenizer.train(corpus, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"config: model.vocab_size={cfg.model.vocab_size}: the tokenizer needs "
@@ -238,12 +248,14 @@ def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, 
     if unfinished and not resume:
         raise ValueError(f"{unfinished}: unfinished {name} output; rerun with --resume to continue it, or "
                          f"delete it to start the stage over")
+    distributed.barrier()  # every rank has looked at the output before rank 0 writes to it
     t0 = time.time()
     call(bool(unfinished))
     wall[name] = round(time.time() - t0, 1)
 
 
 def _prepare(cfg: RunConfig, run_dir) -> tuple[Path, Inputs, Metrics]:
+    distributed.init(cfg.model, resolve_device(cfg.device))  # under torchrun (the CLI has done it); else nothing
     use_all_cores()
     resolve_device(cfg.device)  # fail now, not after the first stage
     seed_everything(cfg.seed)
@@ -269,7 +281,8 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
         print("[sft] skipped (--skip-sft): the base model is the policy init and the KL reference")
     for name in stages:
         run_stage(name, stage_output(name, run_dir), lambda r, name=name: calls[name](dirs, r), resume, wall)
-        wall_path.write_text(json.dumps(wall))
+        if distributed.is_main():
+            wall_path.write_text(json.dumps(wall))
 
     from .evaluate import evaluate_checkpoints
     from .report import write_report
@@ -280,9 +293,12 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
                                  gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
                                  seq_len=cfg.pretrain.seq_len, seed=cfg.seed, device=resolve_device(cfg.device))
     wall["eval"] = round(time.time() - t0, 1)
-    wall_path.write_text(json.dumps(wall))
-    summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
-                           total_wall=time.time() - t_start)
+    summary = {}
+    if distributed.is_main():  # the report and summary are written once
+        wall_path.write_text(json.dumps(wall))
+        summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
+                               total_wall=time.time() - t_start)
+    distributed.barrier()  # every rank returns once they are on disk
     print(f"[train] done in {time.time() - t_start:.0f}s: {run_dir / 'report.md'}")
     return summary
 
@@ -320,5 +336,7 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
                                    gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
                                    seq_len=cfg.pretrain.seq_len, seed=cfg.seed, device=resolve_device(cfg.device))
     out = {k: {kk: vv for kk, vv in v.items() if kk not in ("responses", "rm_scores")} for k, v in results.items()}
-    (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+    if distributed.is_main():
+        (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+    distributed.barrier()
     return out

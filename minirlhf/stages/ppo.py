@@ -18,6 +18,11 @@ details of PPO", and CleanRL's ppo.py):
 
 The gold function is never used here: PPO sees only the learned RM, as with human
 labellers. `evaluate` (a callback) may score held-out prompts with gold to draw curves.
+
+Under torchrun (minirlhf/distributed.py) each rank generates and scores its contiguous share
+of the iteration's prompts; the whitening statistics and the controller's mean KL are those of
+the whole batch (all-reduced where they are used), so every rank keeps the same β; each rank
+cuts its share into minibatches (minibatch_size / N rollouts) and DDP/FSDP2 average the gradients.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import torch
 
 from kernels import ppo_loss, token_logprobs
 
-from .. import checkpoint, loop, optim, rollout
+from .. import checkpoint, distributed, loop, optim, rollout
 from ..config import PPOConfig, RunConfig
 from ..device import autocast, resolve_device
 from ..generate import generate
@@ -123,9 +128,33 @@ def whiten(x, lengths, shift_mean: bool = True, *, mean: float | None = None,
     return torch.where(mask, out.float(), 0.0)
 
 
+def masked_mean_var(x, lengths, *, all_reduce=None) -> tuple[float, float]:
+    """Mean and unbiased variance of x ((B, T) float32) over the valid tokens of the whole batch,
+    in float64, for whiten(mean=, var=) when the batch is split over ranks: all_reduce(t) sums a
+    float64 tensor over the ranks in place (None: x is the whole batch). Two passes: the mean from
+    the summed counts and sums, then (Σd² − (Σd)²/n) / (n − 1) from the sums of d = x − mean
+    (the corrected two-pass variance; Chan, Golub & LeVeque 1983). The plain-torch definition of
+    rollout.masked_mean_var. ValueError with fewer than 2 valid tokens in all."""
+    valid = x[response_mask(lengths, x.shape[1])].double()
 
-# what --ppo.bookkeeping torch runs; `cpp` runs the same three functions of minirlhf/rollout.py
-TORCH_BOOKKEEPING = SimpleNamespace(per_token_rewards=per_token_rewards, gae=gae, whiten=whiten)
+    def summed(*values) -> list[float]:
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+        if all_reduce is not None:
+            all_reduce(t)
+        return t.tolist()
+
+    count, total = summed(valid.numel(), valid.sum())
+    if count < 2:
+        raise ValueError(f"whitening needs at least 2 valid tokens, got {int(count)}")
+    mean = total / count
+    d = valid - mean
+    deviations, squares = summed(d.sum(), (d * d).sum())
+    return mean, (squares - deviations * deviations / count) / (count - 1)
+
+
+# what --ppo.bookkeeping torch runs; `cpp` runs the same functions of minirlhf/rollout.py
+TORCH_BOOKKEEPING = SimpleNamespace(per_token_rewards=per_token_rewards, gae=gae, whiten=whiten,
+                                    masked_mean_var=masked_mean_var)
 
 
 # ---------------------------------------------------------------- KL controllers
@@ -217,7 +246,7 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                           optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, 0.0,
                                                                               also=((m["critic"], pc.critic_lr),))},
                           extra_state=lambda: {"kl_coef": kl_ctl.value})
-    policy, critic, optimizer = run.models["model"], run.models["critic"], run.optimizers["model"]
+    policy, critic, optimizer, views = run.models["model"], run.models["critic"], run.optimizers["model"], run.views
     if run.state is not None:
         kl_ctl.value = run.state["kl_coef"]
     reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
@@ -239,12 +268,14 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
         timer = PhaseTimer()
         it_rng = random.Random(cfg.seed * 1_000_003 + iteration)  # the same batch again after a resume
         batch_prompts = [prompts[it_rng.randrange(len(prompts))] for _ in range(pc.batch_size)]
+        batch_prompts = batch_prompts[distributed.shard_slice(pc.batch_size)]  # this rank's share of the batch
 
         # 1. rollout: the policy answers the batch (left-padded prompts | right-padded responses)
         policy.eval()
+        distributed.unshard(policy, critic)  # FSDP2: whole weights until the scores are in (ranks step unevenly)
         gen = generate(policy, [tokenizer.prompt_ids(p) for p in batch_prompts], max_new_tokens=pc.max_new_tokens,
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=pc.temperature,
-                       generator=torch.Generator(device=device).manual_seed(cfg.seed + iteration))
+                       generator=torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed + iteration)))
         tokens, attn = gen.full()
         P, mask, labels = gen.prompt_tokens.size(1), gen.mask.float(), gen.tokens
         timer.lap("generate")
@@ -258,6 +289,7 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
             old_logprobs = (gen.logprobs if reuse else response_logprobs(policy, tokens, attn, P, pc.temperature)) * mask
             ref_logprobs = response_logprobs(reference, tokens, attn, P, pc.temperature) * mask
             old_values = response_values(critic, tokens, attn, P) * mask
+        distributed.reshard(policy, critic)
         timer.lap("score")
 
         # 3. rewards: r_t = −β·KL_t on every token; RM score (+ truncation penalty) on the last
@@ -267,9 +299,14 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
             truncated=gen.truncated.cpu(), truncation_penalty=pc.truncation_penalty, reward_clip=pc.reward_clip)
         # 4. advantages: GAE(γ, λ) per sequence over its true length; returns = A + V (the critic's target)
         advantages, returns = bookkeeping.gae(rewards, old_values.cpu(), lengths, pc.gamma, pc.lam)
-        raw_adv_mean, raw_adv_std = _masked_mean_std(advantages, mask.cpu())
+        mean = var = None  # whitening with this batch's own statistics
+        if distributed.active():  # the whole batch's, over every rank's share: all-reduced sums (two passes)
+            mean, var = bookkeeping.masked_mean_var(advantages, lengths, all_reduce=distributed.all_reduce)
+            raw_adv_mean, raw_adv_std = mean, var ** 0.5
+        else:
+            raw_adv_mean, raw_adv_std = _masked_mean_std(advantages, mask.cpu())
         if pc.whiten_advantages:  # advantage normalisation (Huang et al. 2022, detail 7), batch level
-            advantages = bookkeeping.whiten(advantages, lengths)
+            advantages = bookkeeping.whiten(advantages, lengths, mean=mean, var=var)
         advantages, returns = advantages.to(device), returns.to(device)
         timer.lap("bookkeeping")
 
@@ -283,14 +320,14 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
         ptx_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)  # PPO-ptx windows, same on resume
         for epoch in range(pc.ppo_epochs):
             mb_seed = (cfg.seed * 1_000_003 + iteration) * 97 + epoch  # reshuffled every epoch, same on resume
-            for idx in rollout.minibatches(pc.batch_size, pc.minibatch_size, mb_seed):
+            for idx in rollout.minibatches(len(batch_prompts), pc.minibatch_size // distributed.size(), mb_seed):
                 idx = torch.as_tensor(idx, device=device)
                 # the minibatch without the columns that are padding in all its rows
                 cols, resp, mb_P = _unpadded(gen.prompt_mask[idx], gen.lengths[idx], P)
                 mb_tokens, mb_attn = tokens[idx][:, cols], attn[idx][:, cols]
                 mb_mask, mb_labels, mb_old = mask[idx][:, resp], labels[idx][:, resp], old_logprobs[idx][:, resp]
                 with autocast(device):
-                    logits = response_logits(policy, mb_tokens, mb_attn, mb_P)
+                    logits = response_logits(views["model"], mb_tokens, mb_attn, mb_P)
                     # clipped surrogate objective L^CLIP (Schulman et al. 2017, eq. 7), token mean, one fused
                     # kernel over the logits: ratio = π/π_old, pg_loss = max(−A·ratio, −A·clip(ratio, 1 ± ε))
                     pg_loss, ps = ppo_loss(logits, mb_labels, mb_old, advantages[idx][:, resp], mb_mask,
@@ -298,14 +335,15 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                     if pc.entropy_coef > 0:  # entropy bonus (Schulman et al. 2017, eq. 9)
                         _, entropy = token_logprobs(logits, mb_labels, pc.temperature, return_entropy=True)
                         pg_loss = pg_loss - pc.entropy_coef * masked_mean(entropy, mb_mask)
-                    values = response_values(critic, mb_tokens, mb_attn, mb_P)
+                    values = response_values(views["critic"], mb_tokens, mb_attn, mb_P)
                     vf_loss, vf_clipfrac = value_loss(values, old_values[idx][:, resp], returns[idx][:, resp], mb_mask,
                                                       pc.value_clip)
                     losses = {"pg_loss": pg_loss, "vf_loss": vf_loss}
                     if ptx_stream is not None:  # PPO-ptx: + γ · LM loss on pretraining text (InstructGPT eq. 2)
                         x, y = random_windows(ptx_stream, pc.ptx_batch_size, cfg.pretrain.seq_len, ptx_rng)
-                        ptx = ptx_loss(policy, x.to(device), y.to(device))
-                        losses["ptx_loss"] = pc.ptx_coef * ptx
+                        (x, w), (y, _) = distributed.shard(x), distributed.shard(y)  # this rank's windows
+                        ptx = ptx_loss(views["model"], x.to(device), y.to(device))
+                        losses["ptx_loss"] = pc.ptx_coef * distributed.share(ptx, len(x) * w, pc.ptx_batch_size)
                         stats["ptx_loss"].append(float(ptx.detach()))
                 optim.step(optimizer, [policy, critic], losses, pc.grad_clip)
                 with torch.no_grad():  # the probability ratio, for the diagnostics
@@ -315,24 +353,29 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                              ("clipfrac", ps.clipfrac), ("vf_clipfrac", vf_clipfrac), ("entropy", ps.entropy),
                              ("ratio_mean", ratio.mean()), ("ratio_max", ratio.max())):
                     stats[k].append(float(v.detach()))
-                if pc.max_approx_kl is not None and ps.approx_kl > pc.max_approx_kl:
+                # (approx-KL averaged over the ranks' minibatches: every rank stops at the same one)
+                if pc.max_approx_kl is not None and distributed.average_value(ps.approx_kl) > pc.max_approx_kl:
                     early_stop = True  # the policy moved too far from the one that collected the data
                     break
             if early_stop:
                 break
         timer.lap("update")
 
-        # 6. adaptive KL coefficient: the controller sees this batch's KL to the reference
-        kl_to_ref = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()
+        # 6. adaptive KL coefficient: the controller sees this batch's KL to the reference (the whole
+        # batch's mean over every rank's rollouts: the same β on every rank)
+        kl_to_ref = distributed.mean_of(((old_logprobs - ref_logprobs) * mask).sum(1))
         kl_ctl.update(kl_to_ref, pc.batch_size)
 
         row = {k: sum(v) / len(v) for k, v in stats.items() if k != "ratio_max"}
-        row.update(ratio_max=max(stats["ratio_max"]), kl_to_ref=kl_to_ref, kl_coef=kl_ctl.value,
-                   rm_score=rm_score.mean().item(), advantages_mean=raw_adv_mean, advantages_std=raw_adv_std,
+        row.update(ratio_max=distributed.maximum(max(stats["ratio_max"])), kl_to_ref=kl_to_ref, kl_coef=kl_ctl.value,
+                   rm_score=distributed.mean_of(rm_score), advantages_mean=raw_adv_mean, advantages_std=raw_adv_std,
                    returns_mean=masked_mean(returns, mask).item(),
                    explained_variance=explained_variance(old_values, returns, mask),
-                   response_len=gen.lengths.float().mean().item(), truncated_frac=gen.truncated.float().mean().item(),
-                   early_stop=float(early_stop), **timer.laps)
+                   response_len=distributed.mean_of(gen.lengths.float()),
+                   truncated_frac=distributed.mean_of(gen.truncated.float()), early_stop=float(early_stop),
+                   **timer.laps)
+        local = [k for k in stats if k != "ratio_max"] + ["returns_mean", "explained_variance"]
+        row.update(distributed.average({k: row[k] for k in local}))  # rank-local diagnostics, averaged over ranks
         if evaluate is not None and pc.eval_every is not None and (
                 (iteration + 1) % pc.eval_every == 0 or iteration + 1 == pc.iterations):
             last_eval.update(evaluate(policy))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import loop, optim
+from .. import distributed, loop, optim
 from ..config import RunConfig
 from ..device import autocast, resolve_device
 from ..evaluate import stream_loss
@@ -55,7 +55,7 @@ def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpu
     run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer, init=init,
                           optimizers=lambda m: {"model": optim.make_optimizer(m["model"], pc.lr, pc.weight_decay)},
                           extra_state=lambda: {"data_rng": data_rng.get_state()})
-    model, opt = run.models["model"], run.optimizers["model"]
+    model, opt, train_model = run.models["model"], run.optimizers["model"], run.views["model"]
     if run.state is not None:
         data_rng.set_state(run.state["data_rng"])
     train_stream = token_stream(tokenizer, corpus)
@@ -71,14 +71,20 @@ def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpu
     def train_step(step: int) -> dict:
         lr = optim.lr_at(step, pc.steps, pc.lr, pc.warmup_steps, pc.min_lr_ratio)
         optim.set_lr(opt, lr)
-        x, y = random_windows(train_stream, pc.batch_size, pc.seq_len, data_rng)
+        x, y = random_windows(train_stream, pc.batch_size, pc.seq_len, data_rng)  # the global batch
+        (x, weight), (y, _) = distributed.shard(x), distributed.shard(y)  # this rank's rows
         x, y = x.to(device), y.to(device)
         with autocast(device):
-            logits = model(x)
+            logits = train_model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # next-token prediction
+        tokens = x.numel()
+        if distributed.active():  # this rank's share of the global batch's mean; logged: the global mean
+            n = tokens * weight
+            loss_sum, tokens = distributed.all_sum(loss.item() * n, n)
+            loss, global_loss = distributed.share(loss, n, tokens), loss_sum / tokens
         grad_norm = optim.step(opt, model, loss, pc.grad_clip)
-        speed.add(x.numel())
-        row = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed.rate()}
+        speed.add(tokens)
+        row = {"loss": global_loss if distributed.active() else loss.item(), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed.rate()}
         if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
             eval_loss = stream_loss(model, eval_stream, pc.seq_len, pc.eval_batches * pc.batch_size,
                                     pc.batch_size, device)

@@ -7,6 +7,10 @@ each chunk is sampled with its own seeded generator and ranked with its own seed
 and its rows are appended to `<out>.partial` and fsynced before the next chunk starts. A
 killed run resumes at the first unfinished chunk and ends with the same file as an unbroken
 run; when all chunks are done the file is renamed to `<out>`.
+
+Under torchrun the chunks are dealt out: in each round rank r samples and ranks chunk
+`first + r` (the K responses of a prompt stay together, on one rank), the rows are gathered
+and rank 0 appends them in chunk order — the same file as one process writes.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, loop
+from .. import checkpoint, distributed, loop
 from ..config import RunConfig
 from ..data import Annotator, Comparison, read_preferences
 from ..device import resolve_device
@@ -52,29 +56,43 @@ def run_rankings(cfg: RunConfig, out_path, *, sft_dir, prompts: list, gold_score
     chunk = max(1, rc.sample_batch_size // rc.k)  # prompts per chunk: one generation batch
     n_chunks = -(-len(prompts) // chunk)
     done, lines = _done_chunks(partial, chunk) if resume else (0, [])
-    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")  # drop a torn tail
+    distributed.barrier()  # every rank has read the partial file
+    if distributed.is_main():
+        partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")  # drop a torn tail
     model = checkpoint.load_model_from(sft_dir, device=device)
     tokenizer = checkpoint.load_tokenizer(sft_dir)
     print(f"[rankings] {len(prompts)} prompts x {rc.k} responses from {sft_dir}"
           + (f", resuming at chunk {done + 1}/{n_chunks}" if done else ""))
 
-    def train_step(step: int) -> dict:
-        batch = prompts[step * chunk:(step + 1) * chunk]
+    def rank_chunk(c: int) -> list[dict]:
+        """Chunk c, sampled and ranked with its own seeds: the same rows on any rank."""
+        batch = prompts[c * chunk:(c + 1) * chunk]
+        if not batch:
+            return []
         responses = sample_responses(model, tokenizer, batch, n=rc.k, max_new_tokens=rc.max_new_tokens,
                                      temperature=rc.temperature, batch_size=rc.sample_batch_size,
-                                     seed=cfg.seed * 1_000_003 + step)
-        annotator = Annotator(gold_score, cfg.task.annotator_noise, annotator_seed * 1_000_003 + step)
-        rows = [{"prompt": p, "responses": r, "ranking": annotator.rank(p, r)} for p, r in zip(batch, responses)]
-        with open(partial, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            f.flush()
-            os.fsync(f.fileno())
+                                     seed=cfg.seed * 1_000_003 + c)
+        annotator = Annotator(gold_score, cfg.task.annotator_noise, annotator_seed * 1_000_003 + c)
+        return [{"prompt": p, "responses": r, "ranking": annotator.rank(p, r)} for p, r in zip(batch, responses)]
+
+    world = distributed.size()
+
+    def train_step(step: int) -> dict:  # step: the round that starts at chunk done + (step − done)·N
+        first = done + (step - done) * world
+        rows = distributed.gather(rank_chunk(first + distributed.rank()))  # chunks first.. first+N−1, in order
+        if distributed.is_main():
+            with open(partial, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                f.flush()
+                os.fsync(f.fileno())
         return {"prompts": float(len(rows))}
 
     with torch.no_grad():
-        loop.loop(STAGE, done, n_chunks, train_step, save=lambda *a, **k: None, metrics=metrics, save_every=None,
-                  show=())
-    partial.replace(out_path)  # a finished file or none
+        loop.loop(STAGE, done, done + -(-(n_chunks - done) // world), train_step, save=lambda *a, **k: None,
+                  metrics=metrics, save_every=None, show=())
+    if distributed.is_main():
+        partial.replace(out_path)  # a finished file or none
+    distributed.barrier()
     comparisons = read_preferences(out_path)
     print(f"[rankings] {len(comparisons)} prompts ranked -> {out_path}")
     return comparisons

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, loop, optim
+from .. import checkpoint, distributed, loop, optim
 from ..config import RunConfig
 from ..data import Comparison
 from ..device import autocast, resolve_device
@@ -85,6 +85,17 @@ def heldout_split(comparisons: list[Comparison], fraction: float, seed: int):
     return comparisons[:n_held], comparisons[n_held:]
 
 
+def combine_accuracies(parts: list[dict]) -> dict:
+    """reward.pairwise_accuracy's results on disjoint shares of the comparisons, as one result:
+    the counts added, each accuracy averaged weighted by its number of pairs."""
+    out = {k: sum(p[k] for p in parts) for k in ("pairs", "tied_pairs", "gold_pairs") if k in parts[0]}
+    for acc, n in (("acc_vs_labels", "pairs"), ("acc_vs_gold", "gold_pairs")):
+        if acc in parts[0]:
+            hits = sum(p[acc] * p[n] for p in parts if p[acc] is not None)
+            out[acc] = hits / out[n] if out[n] else None
+    return out
+
+
 def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], metrics: Metrics,
            gold_score=None, resume: bool = False) -> Path:
     """Train the reward model on comparisons; returns its checkpoint directory.
@@ -110,7 +121,7 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
     run = loop.open_stage(out_dir, STAGE, resume=resume, device=device, tokenizer=tokenizer,
                           init=lambda: {"model": checkpoint.load_model_from(sft_dir, device=device)},
                           optimizers=lambda m: {"model": optim.make_optimizer(m["model"], rc.lr, rc.weight_decay)})
-    model, opt = run.models["model"], run.optimizers["model"]
+    model, opt, train_model = run.models["model"], run.optimizers["model"], run.views["model"]
 
     print(f"[rm] {len(train)} comparisons for training, {len(heldout)} held out, {total_steps} steps")
     model.train()
@@ -120,29 +131,50 @@ def run_rm(cfg: RunConfig, out_dir, *, sft_dir, comparisons: list[Comparison], m
         order = list(range(len(train)))
         random.Random(cfg.seed + epoch).shuffle(order)
         batch = [train[j] for j in order[i * rc.batch_size:(i + 1) * rc.batch_size]]
-        tokens, attn, last, better, worse, group = (t.to(device) for t in batch_tensors(tokenizer, batch, max_len))
+        mine, weight = distributed.shard(batch)  # this rank's prompts, each with all K of its responses
+        tokens, attn, last, better, worse, group = (t.to(device) for t in batch_tensors(tokenizer, mine, max_len))
         lr = optim.lr_at(step, total_steps, rc.lr, rc.warmup_steps)
         optim.set_lr(opt, lr)
         with autocast(device):
-            r = scores(model, tokens, attn, last)
-        loss = ranking_loss(r, better, worse, group, len(batch))
+            r = scores(train_model, tokens, attn, last)
+        loss = ranking_loss(r, better, worse, group, len(mine))
+        if distributed.active():  # this rank's share of the mean over the global batch's prompts; logged: global
+            n, hits = len(mine) * weight, (r[better] > r[worse]).sum().item() * weight
+            loss_sum, n_all, hits, pairs = distributed.all_sum(loss.item() * n, n, hits, len(better) * weight)
+            loss, global_loss, acc = distributed.share(loss, n, n_all), loss_sum / n_all, hits / pairs
         grad_norm = optim.step(opt, model, loss, rc.grad_clip)
-        acc = (r[better] > r[worse]).float().mean().item()
-        return {"loss": loss.item(), "acc": acc, "lr": lr, "grad_norm": grad_norm}
+        if not distributed.active():
+            acc, global_loss = (r[better] > r[worse]).float().mean().item(), loss.item()
+        return {"loss": global_loss, "acc": acc, "lr": lr, "grad_norm": grad_norm}
 
     step = loop.loop(STAGE, run.step, total_steps, train_step, run.save, metrics, save_every=rc.save_every,
                      show=("loss", "acc"))
 
     # centre the RM: mean score 0 over the training responses (a shift of the head's bias only)
-    raw = score_texts(model, tokenizer, [c.prompt for c in train for _ in c.responses],
-                      [y for c in train for y in c.responses], max_len)
+    mine = train[distributed.shard_slice(len(train))]  # this rank's share, the scores gathered in order
+    with distributed.gathered(model):
+        raw = score_texts(model, tokenizer, [c.prompt for c in mine for _ in c.responses],
+                          [y for c in mine for y in c.responses], max_len)
+    if distributed.active():
+        raw = torch.tensor(distributed.gather(raw.tolist()))
     with torch.no_grad():
-        model.scalar_head.bias -= raw.mean().to(model.scalar_head.bias)
+        if distributed.strategy() == "fsdp" and distributed.active():  # each rank shifts its shard of the bias
+            model.scalar_head.bias.sub_(raw.mean().item())
+        else:
+            model.scalar_head.bias -= raw.mean().to(model.scalar_head.bias)
     info = {"score_mean_before_shift": raw.mean().item(), "score_std": raw.std().item(),
             "comparisons": len(train), "tied_pairs_dropped": tied, "wall_s": round(time.time() - t0, 1)}
 
     def evaluate() -> dict:  # after the save: an error here cannot lose the trained RM
-        acc = pairwise_accuracy(model, tokenizer, heldout, max_len, gold_score) if heldout else {}
+        if not heldout:
+            acc = {}
+        elif distributed.active():  # each rank its share of the held-out comparisons, the accuracies combined
+            with distributed.gathered(model):
+                part = pairwise_accuracy(model, tokenizer, heldout[distributed.shard_slice(len(heldout))], max_len,
+                                         gold_score)
+            acc = combine_accuracies(distributed.gather([part]))
+        else:
+            acc = pairwise_accuracy(model, tokenizer, heldout, max_len, gold_score)
         metrics.log(STAGE, step, **{f"heldout_{k}": v for k, v in acc.items() if v is not None})
         return acc
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, loop, optim
+from .. import checkpoint, distributed, loop, optim
 from ..config import RunConfig
 from ..device import autocast, resolve_device
 from ..metrics import Metrics, Throughput
@@ -43,11 +43,14 @@ def heldout_loss(model, tokenizer, pairs, batch_size, max_len, device) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    for i in range(0, len(pairs), batch_size):
-        tokens, attn, resp = (t.to(device) for t in frame_batch(tokenizer, pairs[i:i + batch_size], max_len))
-        with autocast(device):
-            s, n = response_loss(model, tokens, attn, resp, reduction="sum")
-        total, count = total + s.item(), count + n.item()
+    mine = pairs[distributed.shard_slice(len(pairs))]  # this rank's share; the sums are added over the ranks
+    with distributed.gathered(model):
+        for i in range(0, len(mine), batch_size):
+            tokens, attn, resp = (t.to(device) for t in frame_batch(tokenizer, mine[i:i + batch_size], max_len))
+            with autocast(device):
+                s, n = response_loss(model, tokens, attn, resp, reduction="sum")
+            total, count = total + s.item(), count + n.item()
+    total, count = distributed.all_sum(total, count)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -74,7 +77,7 @@ def run_sft(cfg: RunConfig, out_dir, *, base_dir, demos: list[tuple], demos_held
                           init=lambda: {"model": checkpoint.load_model_from(base_dir, device=device)},
                           optimizers=lambda m: {"model": optim.make_optimizer(m["model"], sc.lr, sc.weight_decay)},
                           extra_state=lambda: {"best": best})
-    model, opt = run.models["model"], run.optimizers["model"]
+    model, opt, train_model = run.models["model"], run.optimizers["model"], run.views["model"]
     if run.state is not None:
         best.update(run.state["best"])
 
@@ -87,20 +90,27 @@ def run_sft(cfg: RunConfig, out_dir, *, base_dir, demos: list[tuple], demos_held
         order = list(range(len(demos)))
         random.Random(cfg.seed + epoch).shuffle(order)  # the same order again after a resume
         batch = [demos[j] for j in order[i * sc.batch_size:(i + 1) * sc.batch_size]]
-        tokens, attn, resp = (t.to(device) for t in frame_batch(tokenizer, batch, max_len))
+        mine, weight = distributed.shard(batch)  # this rank's demonstrations of the global batch
+        tokens, attn, resp = (t.to(device) for t in frame_batch(tokenizer, mine, max_len))
         lr = optim.lr_at(step, total_steps, sc.lr, sc.warmup_steps)
         optim.set_lr(opt, lr)
         with autocast(device):
-            loss = response_loss(model, tokens, attn, resp)
+            total, count = response_loss(train_model, tokens, attn, resp, reduction="sum")
+            loss = total / count.clamp(min=1)  # the mean over response tokens
+        n_tokens = int(attn.sum())
+        if distributed.active():  # this rank's share of the global batch's token mean; logged: the global mean
+            count_all, total_all, n_tokens = distributed.all_sum(count * weight, total.item() * weight,
+                                                                  n_tokens * weight)
+            loss, global_loss = distributed.share(loss, count * weight, count_all), total_all / count_all
         grad_norm = optim.step(opt, model, loss, sc.grad_clip)
-        speed.add(int(attn.sum()))
-        row = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed.rate()}
+        speed.add(n_tokens)
+        row = {"loss": global_loss if distributed.active() else loss.item(), "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": speed.rate()}
         if (step + 1) % sc.eval_every == 0 or step + 1 == total_steps:
             ev = heldout_loss(model, tokenizer, demos_heldout, 64, max_len, device) if demos_heldout else row["loss"]
             row["eval_loss"] = ev
             if ev < best["loss"] - 1e-4:
-                best.update(loss=ev, bad_evals=0,
-                            weights={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                best.update(loss=ev, bad_evals=0, weights=distributed.full_state_dict(model))
             else:
                 best["bad_evals"] += 1
                 row["stop"] = sc.patience is not None and best["bad_evals"] >= sc.patience  # early stopping
@@ -110,7 +120,7 @@ def run_sft(cfg: RunConfig, out_dir, *, base_dir, demos: list[tuple], demos_held
                     show=("loss", "eval_loss", "tokens_per_s"))
     stopped_early = end < total_steps
     if best["weights"] is not None:
-        model.load_state_dict(best["weights"])
+        distributed.load_full_state_dict(model, best["weights"])
     info = {"eval_loss": best["loss"], "steps": end, "stopped_early": stopped_early, "demos": len(demos),
             "wall_s": round(time.time() - t0, 1)}
     loop.finish(out_dir, run.save, end, info, stage=STAGE)
