@@ -250,3 +250,14 @@ def token_stream(tokenizer, texts):
     import torch
 
     return torch.tensor([t for doc in tokenizer.documents(list(texts)) for t in doc], dtype=torch.long)
+
+
+def random_windows(stream: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator):
+    """(inputs, targets), each (batch, seq_len) int64: windows of a token stream at random offsets
+    drawn from generator, targets shifted by one (pretraining; PPO-ptx)."""
+    import torch
+
+    starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=generator)
+    idx = starts[:, None] + torch.arange(seq_len + 1)
+    w = stream[idx]
+    return w[:, :-1], w[:, 1:]

@@ -43,8 +43,7 @@ from ..logprobs import response_logits, response_logprobs, response_values
 from ..metrics import Metrics, stage_history
 from ..monitor import Monitor, Thresholds
 from ..reward import score_rollouts
-from ..tokenizer import token_stream
-from .pretrain import random_windows
+from ..tokenizer import random_windows, token_stream
 
 STAGE = "ppo"
 
@@ -218,7 +217,7 @@ def ptx_loss(policy, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     γ · E_{x ~ D_pretrain}[log π(x)]): the policy's mean next-token cross-entropy on windows of
     the pretraining corpus, −mean_t log π(x_{t+1} | x_≤t), nats/token; the policy loss adds γ times it.
 
-    inputs, targets: (N, L) long, targets = inputs shifted by one (stages/pretrain.random_windows)."""
+    inputs, targets: (N, L) long, targets = inputs shifted by one (tokenizer.random_windows)."""
     logits = policy(inputs)
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 

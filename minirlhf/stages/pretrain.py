@@ -22,17 +22,9 @@ from ..device import autocast, resolve_device
 from ..evaluate import stream_loss
 from ..metrics import Metrics, Throughput
 from ..model import Transformer
-from ..tokenizer import token_stream
+from ..tokenizer import random_windows, token_stream
 
 STAGE = "pretrain"
-
-
-def random_windows(stream: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator):
-    """(inputs, targets), each (batch, seq_len): windows at random offsets, targets shifted by one."""
-    starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=generator)
-    idx = starts[:, None] + torch.arange(seq_len + 1)
-    w = stream[idx]
-    return w[:, :-1], w[:, 1:]
 
 
 def run_pretrain(cfg: RunConfig, out_dir, *, tokenizer, corpus: list[str], corpus_heldout: list[str],
