@@ -123,7 +123,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(C.RunConfig):
         if f.name in C.SECTIONS:
             continue
-        flag = "--skip-sft" if f.name == "skip_sft" else f"--{f.name}"
+        flag = "--" + f.name.replace("_", "-")  # --skip-sft, --init-from
         top.add_argument(flag, dest=f"cfg:{f.name}", default=argparse.SUPPRESS, metavar=field_type(f).__name__.upper(),
                          help=_help(None, f, getattr(defaults, f.name)),
                          **({"nargs": "?", "const": "true"} if f.name == "skip_sft" else {}))
@@ -170,11 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in RUN_COMMANDS:
             _add_run_options(sp)
         if name in ("sft", "rm", "ppo"):
-            sp.add_argument("--from", dest="from_dir", required=True, help="checkpoint directory of the previous stage")
+            sp.add_argument("--from", dest="from_dir", default=None,
+                            help="checkpoint directory of the previous stage (or --init-from a pretrained model)")
         if name == "ppo":
-            sp.add_argument("--rm", dest="rm_dir", required=True, help="reward model checkpoint directory")
+            sp.add_argument("--rm", dest="rm_dir", default=None, help="reward model checkpoint directory (required)")
         if name == "eval":
-            sp.add_argument("--ckpt", action="append", required=True, help="checkpoint to score (repeatable)")
+            sp.add_argument("--ckpt", action="append", default=[],
+                            help="checkpoint to score (repeatable; --init-from adds the pretrained model)")
             sp.add_argument("--ref", default=None, help="reference checkpoint for KL (default: the first --ckpt)")
             sp.add_argument("--rm-ckpt", default=None, help="reward model checkpoint to score with (optional)")
         if name == "generate":

