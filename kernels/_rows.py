@@ -310,3 +310,36 @@ def row_chunk(x, i, j):
         return x[i // T, i % T:(j - 1) % T + 1]
     rows = torch.arange(i, j, device=x.device)
     return x[rows // T, rows % T]
+
+
+# --------------------------------------------------------------------------- token inputs of the PPO ops
+
+
+def loss_weights(valid: torch.Tensor, loss_agg: str, dtype=torch.float32) -> torch.Tensor:
+    """Per-token weights w (flattened) such that the aggregated loss is sum_i w_i loss_i."""
+    v = valid.to(dtype)
+    if loss_agg == "token-mean":
+        w = v / v.sum().clamp_min(1.0)
+    elif loss_agg == "sum":
+        w = v
+    else:
+        per_seq = v.reshape(-1, v.shape[-1])
+        n_tok = per_seq.sum(1, keepdim=True)
+        n_seq = (n_tok > 0).sum().clamp_min(1).to(dtype)
+        if loss_agg == "seq-mean-token-sum":
+            w = per_seq / n_seq
+        else:
+            w = per_seq / (n_tok.clamp_min(1.0) * n_seq)
+    return w.reshape(-1)
+
+
+def prepare_tokens(labels, old_logprobs, advantages, mask, ref_logprobs, loss_agg, ignore_index, dtype):
+    """Flattened per-token inputs: labels with invalid tokens set to ignore_index, the
+    float vectors in the compute dtype, the weights w and the valid mask."""
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    flat = lambda t: None if t is None else t.reshape(-1).to(dtype).contiguous()  # noqa: E731
+    labels_eff = torch.where(valid, labels.long(), ignore_index).reshape(-1).contiguous()
+    w = loss_weights(valid, loss_agg, dtype)
+    return labels_eff, flat(old_logprobs), flat(advantages), flat(ref_logprobs), w, valid.reshape(-1)

@@ -40,14 +40,15 @@ from ._dispatch import backend_for
 from ._rows import (
     IGNORE_INDEX,
     compute_dtype,
+    prepare_tokens,
     torch_backward,
     torch_forward,
     triton_backward,
     triton_forward,
 )
 from .ppo import (
+    STATS,
     PPOLossStats,
-    prepare_tokens,
     reduce_stats,
     torch_ppo_forward,
     triton_ppo_forward,
@@ -129,7 +130,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         want_grad = need_h or need_w
         sdtype = old.dtype
         loss = torch.empty(N, dtype=sdtype, device=h.device)
-        stats = torch.empty(4, N, dtype=sdtype, device=h.device)
+        stats = torch.empty(STATS, N, dtype=sdtype, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
         buf = _chunk_buffer(h, weight, chunk)
@@ -246,7 +247,7 @@ def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask=None,
                                                          loss_agg, ignore_index, sdtype)
     if N == 0:
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        return ((hidden.sum() + weight.sum()) * 0.0).to(sdtype), PPOLossStats(zero, zero, zero, zero)
+        return ((hidden.sum() + weight.sum()) * 0.0).to(sdtype), PPOLossStats(*[zero] * 6)
     loss, stats = LinearPPOLossFunction.apply(h.contiguous(), weight.contiguous(), labels_eff, old, adv, ref, w,
                                               inv_temp, int(ignore_index), cfg, backend, chunk)
     return loss, reduce_stats(stats, valid)

@@ -44,7 +44,8 @@ moved by e^20 ~ 5e8 (ppo_loss_reference applies the same clamp).
 Stats (detached, means over valid tokens): clipfrac = fraction of tokens where a clipped
 value was taken (ratio clip or dual clip); approx_kl = k3 of the ratio to the old policy,
 exp(r) - 1 - r with r the clamped logp - old_logprobs, the estimate of KL(pi_old || pi);
-kl_ref = the `kl_estimator` to the reference (0 without ref_logprobs); entropy.
+kl_ref = the `kl_estimator` to the reference (0 without ref_logprobs); entropy;
+ratio_mean and ratio_max = the mean and the largest probability ratio exp(r).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from ._rows import (
     compute_dtype,
     num_rows,
     num_warps,
+    prepare_tokens,
     row_strides,
     torch_backward,
     torch_forward,
@@ -76,16 +78,20 @@ from .logprobs import token_logprobs_reference
 
 tl = None  # triton.language, bound by _dispatch.load_triton(); annotations stay strings
 
+STATS = 5  # per-token stats rows: clipped, k3 to old, KL to ref, entropy, ratio
 LOG_RATIO_CLAMP = 20.0  # |log-ratio| bound before exp or square (module docstring)
 
 
 class PPOLossStats(NamedTuple):
-    """Detached float32 scalars, means over valid tokens."""
+    """Detached float32 scalars: means over valid tokens, and ratio_max, the largest
+    probability ratio π/π_old of a valid token (0 when none is valid)."""
 
     clipfrac: torch.Tensor
     approx_kl: torch.Tensor
     kl_ref: torch.Tensor
     entropy: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_max: torch.Tensor
 
 
 # --------------------------------------------------------------------------- Triton
@@ -164,6 +170,7 @@ def _ppo_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, old_ptr, adv_
     tl.store(stats_ptr + N + row, tl.where(valid, _k3(log_ratio), 0.0))
     tl.store(stats_ptr + 2 * N + row, tl.where(valid, kl, 0.0))
     tl.store(stats_ptr + 3 * N + row, tl.where(valid, ent, 0.0))
+    tl.store(stats_ptr + 4 * N + row, tl.where(valid, ratio, 0.0))
     if WRITE_GRAD:
         # The fused-linear path: the gradient of this chunk's logits, for an upstream 1.
         _write_row_grad(row_ptr, dlogits_ptr + row * stride_drow, V, label, lse, g, 0.0, 0.0,
@@ -171,12 +178,12 @@ def _ppo_fwd_kernel(logits_ptr, T, stride_b, stride_t, labels_ptr, old_ptr, adv_
 
 
 def triton_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg, grad_out=None):
-    """Per-token (weighted loss, dL/dlogp, lse, stats (4, N)); with grad_out, also writes
+    """Per-token (weighted loss, dL/dlogp, lse, stats (STATS, N)); with grad_out, also writes
     dL/dx into grad_out (which may be x)."""
     N, V = num_rows(x), x.shape[-1]
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, g, lse = (torch.empty(N, **f32) for _ in range(3))
-    stats = torch.empty(4, N, **f32)
+    stats = torch.empty(STATS, N, **f32)
     blk = block_v(V)
     write = grad_out is not None
     _ppo_fwd_kernel[(N,)](
@@ -204,7 +211,7 @@ def k3(d: torch.Tensor) -> torch.Tensor:
 
 
 def token_terms(logp, old, adv, ref, w, valid, cfg):
-    """The PPO epilogue on per-token vectors: (w * loss_i, w * dloss_i/dlogp, stats (4, N))."""
+    """The PPO epilogue on per-token vectors: (w * loss_i, w * dloss_i/dlogp, stats (STATS, N))."""
     B = LOG_RATIO_CLAMP
     r = logp - old
     log_ratio = r.clamp(-B, B)
@@ -236,7 +243,7 @@ def token_terms(logp, old, adv, ref, w, valid, cfg):
         loss = loss + coef * kl
         dloss = dloss + coef * dkl
     zero = torch.zeros_like(logp)
-    stats = torch.stack([clipped.to(logp.dtype), k3(log_ratio), kl, zero])
+    stats = torch.stack([clipped.to(logp.dtype), k3(log_ratio), kl, zero, ratio])
     stats = torch.where(valid, stats, 0.0)
     return torch.where(valid, w * loss, 0.0), torch.where(valid, w * dloss, 0.0), stats
 
@@ -253,7 +260,7 @@ def torch_ppo_forward(x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg):
 
 
 class PPOLossFunction(torch.autograd.Function):
-    """(x (N, V) or (B, T, V) rows, ...) -> (loss (), per-token stats (4, N)); gradient for x only."""
+    """(x (N, V) or (B, T, V) rows, ...) -> (loss (), per-token stats (STATS, N)); gradient for x only."""
 
     @staticmethod
     def forward(ctx, x, labels, old, adv, ref, w, inv_temp, ignore_index, cfg, backend):
@@ -282,40 +289,12 @@ class PPOLossFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- API
 
 
-def loss_weights(valid: torch.Tensor, loss_agg: str, dtype=torch.float32) -> torch.Tensor:
-    """Per-token weights w (flattened) such that the aggregated loss is sum_i w_i loss_i."""
-    v = valid.to(dtype)
-    if loss_agg == "token-mean":
-        w = v / v.sum().clamp_min(1.0)
-    elif loss_agg == "sum":
-        w = v
-    else:
-        per_seq = v.reshape(-1, v.shape[-1])
-        n_tok = per_seq.sum(1, keepdim=True)
-        n_seq = (n_tok > 0).sum().clamp_min(1).to(dtype)
-        if loss_agg == "seq-mean-token-sum":
-            w = per_seq / n_seq
-        else:
-            w = per_seq / (n_tok.clamp_min(1.0) * n_seq)
-    return w.reshape(-1)
-
-
-def prepare_tokens(labels, old_logprobs, advantages, mask, ref_logprobs, loss_agg, ignore_index, dtype):
-    """Flattened per-token inputs: labels with invalid tokens set to ignore_index, the
-    float vectors in the compute dtype, the weights w and the valid mask."""
-    valid = labels != ignore_index
-    if mask is not None:
-        valid = valid & (mask != 0)
-    flat = lambda t: None if t is None else t.reshape(-1).to(dtype).contiguous()  # noqa: E731
-    labels_eff = torch.where(valid, labels.long(), ignore_index).reshape(-1).contiguous()
-    w = loss_weights(valid, loss_agg, dtype)
-    return labels_eff, flat(old_logprobs), flat(advantages), flat(ref_logprobs), w, valid.reshape(-1)
-
-
 def reduce_stats(stats: torch.Tensor, valid: torch.Tensor) -> PPOLossStats:
+    """Per-token stats (STATS, N), 0 on invalid tokens -> PPOLossStats."""
+    stats = stats.detach().to(torch.float32)
     n = valid.sum().clamp_min(1).to(torch.float32)
-    means = stats.detach().to(torch.float32).sum(1) / n
-    return PPOLossStats(*means.unbind(0))
+    means = stats.sum(1) / n
+    return PPOLossStats(*means.unbind(0), stats[4].max() if stats.shape[1] else torch.zeros(()))
 
 
 def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, ref_logprobs=None, clip_eps=0.2,
@@ -342,7 +321,7 @@ def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, ref_logprob
                                                          loss_agg, ignore_index, cdtype)
     if logits.numel() == 0:
         zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-        return (logits.sum() * 0.0).to(cdtype), PPOLossStats(zero, zero, zero, zero)
+        return (logits.sum() * 0.0).to(cdtype), PPOLossStats(*[zero] * 6)
     backend = backend_for(logits)
     if backend == "triton":
         old, adv, w = old.float(), adv.float(), w.float()
@@ -395,5 +374,7 @@ def ppo_loss_reference(logits, labels, old_logprobs, advantages, mask=None, *, r
     with torch.no_grad():
         mean = lambda t: (torch.where(valid, t, 0.0).sum() / n).float()  # noqa: E731
         r = log_ratio
-        stats = PPOLossStats(mean(clipped.to(dt)), mean(torch.expm1(r) - r), mean(kl), mean(ent))
+        ratio_max = torch.where(valid, ratio, 0.0).max().float() if valid.numel() else torch.zeros(())
+        stats = PPOLossStats(mean(clipped.to(dt)), mean(torch.expm1(r) - r), mean(kl), mean(ent), mean(ratio),
+                             ratio_max)
     return loss, stats

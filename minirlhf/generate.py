@@ -61,6 +61,16 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V), drawn by inverting the CDF with one uniform per row:
+    the first index whose cumulative probability exceeds u · total. Exact sampling, like
+    torch.multinomial, which draws B·V exponentials instead of B uniforms (the costliest op of
+    a small model's decoding step). Zero-probability tokens (filtered out) are never drawn."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -99,7 +109,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         else:
             logp = F.log_softmax(logits / temperature, -1)
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = sample(probs, generator)
         out_tokens[:, t] = torch.where(alive, token, pad_id)
         out_logprobs[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
         key_mask[:, P + t] = alive

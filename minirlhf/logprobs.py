@@ -13,8 +13,8 @@ from .model import Transformer
 
 
 def response_logits(model: Transformer, tokens, attn, prompt_len: int):
-    """Logits (B, R, V) predicting each response token."""
-    return model(tokens, attn)[:, prompt_len - 1:-1]
+    """Logits (B, R, V) predicting each response token (the LM head runs on those columns only)."""
+    return model(tokens, attn, columns=slice(prompt_len - 1, -1))
 
 
 def response_logprobs(model: Transformer, tokens, attn, prompt_len: int, temperature: float = 1.0):
@@ -24,4 +24,4 @@ def response_logprobs(model: Transformer, tokens, attn, prompt_len: int, tempera
 
 def response_values(critic: Transformer, tokens, attn, prompt_len: int):
     """fp32 (B, R): V(x, y_<t), the critic's value of the state before each response token."""
-    return critic.scalars(tokens, attn)[:, prompt_len - 1:-1]
+    return critic.scalars(tokens, attn, columns=slice(prompt_len - 1, -1))

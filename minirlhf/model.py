@@ -148,22 +148,26 @@ class Attention(nn.Module):
             cache_k[:, :, cache_pos:cache_pos + T] = k
             cache_v[:, :, cache_pos:cache_pos + T] = v
             k, v = cache_k[:, :, :cache_pos + T], cache_v[:, :, :cache_pos + T]
-        out = grouped_attention(q, k, v, attn_mask)
+        out = grouped_attention(q, k, v, attn_mask, cached=cache is not None)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def grouped_attention(q, k, v, mask):
+def grouped_attention(q, k, v, mask, cached: bool = False):
     """Grouped-query attention (Ainslie et al. 2023): softmax(q kᵀ/√hd + mask) v, where query
     head h reads k/v head h // G, G = n_heads / n_kv_heads.
 
-    q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B, 1, T, S) bool (True = may attend); returns
-    (B, H, T, hd). The G query heads of one group are stacked along the query axis,
-    (B, Hkv, G·T, hd), so every k/v head is read in place: expanding k/v to H heads would copy
-    the whole KV cache at every generation step, quadratic in the generated length."""
+    q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B, 1, T, S) bool (True = may attend) or None
+    (causal, no padding); returns (B, H, T, hd). Reading the KV cache (cached=True), the G query
+    heads of one group are stacked along the query axis, (B, Hkv, G·T, hd), so every k/v head is
+    read in place: expanding k/v to H heads would copy the whole cache at every generation step,
+    quadratic in the generated length. Over a whole sequence, SDPA's own grouped path
+    (enable_gqa) is the faster one."""
     B, H, T, hd = q.shape
     G = H // k.size(1)
-    if G == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if not cached or G == 1:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
     q = q.reshape(B, k.size(1), G * T, hd)
     mask = mask[:, :, None].expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * T, mask.size(-1))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, T, hd)
@@ -233,27 +237,31 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(tokens, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
-        positions = positions_from_mask(attention_mask)
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        mask = causal & attention_mask[:, None, :]
-        # a padding query may see no real key at all; letting it see itself keeps SDPA finite
-        mask = (mask | torch.eye(T, dtype=torch.bool, device=tokens.device))[:, None]
+        if attention_mask is None or bool(attention_mask.all()):  # no padding: plain causal attention
+            positions, mask = torch.arange(T, device=tokens.device).expand(B, T), None
+        else:
+            attention_mask = attention_mask.bool()
+            positions = positions_from_mask(attention_mask)
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = causal & attention_mask[:, None, :]
+            # a padding query may see no real key at all; letting it see itself keeps SDPA finite
+            mask = (mask | torch.eye(T, dtype=torch.bool, device=tokens.device))[:, None]
         cos, sin = self._rope_at(positions)
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, tokens, attention_mask=None):
-        """Logits (B, T, V)."""
-        return self.lm_head(self.hidden(tokens, attention_mask))
+    def forward(self, tokens, attention_mask=None, columns: slice | None = None):
+        """Logits (B, T, V); with columns, (B, len(columns), V) at those positions only (the LM
+        head, a large matmul for a real vocabulary, runs on them alone)."""
+        h = self.hidden(tokens, attention_mask)
+        return self.lm_head(h if columns is None else h[:, columns])
 
-    def scalars(self, tokens, attention_mask=None):
-        """The scalar head at every position (B, T), fp32: reward-model score / critic value."""
-        return self.scalar_head(self.hidden(tokens, attention_mask)).squeeze(-1).float()
+    def scalars(self, tokens, attention_mask=None, columns: slice | None = None):
+        """The scalar head at every position (B, T), fp32 (or at `columns`): reward-model score / critic value."""
+        h = self.hidden(tokens, attention_mask)
+        return self.scalar_head(h if columns is None else h[:, columns]).squeeze(-1).float()
 
     def _rope_at(self, positions):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]

@@ -250,3 +250,20 @@ def test_generation_reads_the_kv_cache_in_place(monkeypatch):
     storages = {t.untyped_storage().data_ptr() for kv in caches for t in kv}
     assert len(seen) == 2 * 5  # 2 layers x (prefill + 4 decoding steps)
     assert all(k in storages and v in storages for k, v, _ in seen)
+
+
+def test_sampling_by_the_inverse_cdf_matches_the_distribution():
+    """generate.sample draws token i with probability probs[i] (chi-square against the exact
+    counts), never a zero-probability token, and the same tokens again for the same seed."""
+    from minirlhf.generate import sample
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    tokens = sample(probs, g)
+    counts = torch.bincount(tokens[0::2], minlength=5).double()
+    assert counts[1] == 0 and counts[4] == 0 and (tokens[1::2] == 4).all()
+    expected = probs[0] * 20000
+    keep = expected > 0
+    chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum().item()
+    assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
+    assert torch.equal(sample(probs, torch.Generator().manual_seed(0)), tokens)

@@ -345,12 +345,9 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                         losses["ptx_loss"] = pc.ptx_coef * distributed.share(ptx, len(x) * w, pc.ptx_batch_size)
                         stats["ptx_loss"].append(float(ptx.detach()))
                 optim.step(optimizer, [policy, critic], losses, pc.grad_clip)
-                with torch.no_grad():  # the probability ratio, for the diagnostics
-                    new_logprobs = token_logprobs(logits.detach(), mb_labels, pc.temperature)
-                    ratio = (new_logprobs - mb_old).exp()[mb_mask.bool()]
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", ps.approx_kl),
                              ("clipfrac", ps.clipfrac), ("vf_clipfrac", vf_clipfrac), ("entropy", ps.entropy),
-                             ("ratio_mean", ratio.mean()), ("ratio_max", ratio.max())):
+                             ("ratio_mean", ps.ratio_mean), ("ratio_max", ps.ratio_max)):
                     stats[k].append(float(v.detach()))
                 # (approx-KL averaged over the ranks' minibatches: every rank stops at the same one)
                 if pc.max_approx_kl is not None and distributed.average_value(ps.approx_kl) > pc.max_approx_kl:

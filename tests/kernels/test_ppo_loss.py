@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import kernels
+from kernels._rows import loss_weights
 from kernels.ppo import (
     LOG_RATIO_CLAMP,
     PPOLossStats,
     _ppo_fwd_kernel,
     k3,
-    loss_weights,
     ppo_loss,
     ppo_loss_reference,
 )
@@ -42,6 +42,7 @@ def test_reference_hand_worked_clip():
     assert stats.approx_kl.item() == pytest.approx(0.5236337, abs=1e-6)
     assert stats.entropy.item() == pytest.approx(LN2, abs=1e-6)
     assert stats.kl_ref.item() == 0.0
+    assert stats.ratio_mean.item() == pytest.approx(1.625) and stats.ratio_max.item() == pytest.approx(4.0)
     loss.backward()
     # dL/dlogp = -A r / 4 on unclipped tokens (0, -0.125, 0, 1); dlogits = that * (onehot - 1/2)
     expected = torch.tensor([[0, 0], [-0.0625, 0.0625], [0, 0], [0.5, -0.5]], dtype=torch.float64)
