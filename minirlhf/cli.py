@@ -285,10 +285,6 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args)
-        if args.command == "experiment" and distributed.launched():
-            # its bookkeeping files (arm links, arm.json, plots) assume one process
-            raise ValueError("experiment: run it without torchrun; to spread one arm over N processes, run "
-                             "`torchrun --nproc_per_node N -m minirlhf train` with the arm's options and --out")
         if args.command in PLUGGED:
             module, function = PLUGGED[args.command]
             code = getattr(importlib.import_module(module, __package__), function)(args)

@@ -25,8 +25,9 @@ whitening statistics (`all_reduce`, through rollout.masked_mean_var) and mean KL
 adaptive controller (`mean_of`), lists of evaluated responses and rankings (`gather`).
 Files are written once, by rank 0: checkpoints (whole models and plain optimizer states,
 gathered from FSDP shards: a checkpoint resumes with any number of processes), the
-rankings, metrics, the report. The run directory must be visible to every rank (one
-machine, or a shared filesystem across machines).
+rankings, metrics, the report, an experiment's bookkeeping (`on_main`: rank 0 reads and writes
+the shared files, every rank gets its answer). The run directory must be visible to every rank
+(one machine, or a shared filesystem across machines).
 
 Output: ranks other than 0 print nothing (their stdout and stderr go to /dev/null); an error
 is printed by the rank that hit it first (`report_failure`, a key in the process group's
@@ -326,6 +327,40 @@ def rank_seed(seed: int) -> int:
     """A sampling seed of its own for each rank (rank 0 keeps `seed`): ranks that share a prompt
     must not draw the same response."""
     return seed + rank() * 2 ** 40
+
+
+def on_main(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run by rank 0 alone, its result sent to every rank (broadcast_object_list):
+    bookkeeping that reads and writes shared files (rank 0 writes them once; the others, which wait
+    here at most --dist.timeout, then see them on disk and get the same answer). An Exception raised
+    by fn on rank 0 is raised on every rank (a copy; a ValueError stays a ValueError, so every rank
+    ends as rank 0 does). One process: fn(*args, **kwargs)."""
+    if not active():
+        return fn(*args, **kwargs)
+    box, error = [None], None
+    if is_main():
+        try:
+            box[0] = (True, fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 — every rank must hear of it, or the others would wait
+            error = e
+            box[0] = (False, _portable(e))
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
+
+
+def _portable(e: Exception) -> Exception:
+    """e itself when it pickles (to travel to the other ranks), else a RuntimeError with its line."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager

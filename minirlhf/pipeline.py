@@ -314,7 +314,7 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     for name in stages:
         run_stage(name, stage_output(name, run_dir), lambda r, name=name: calls[name](dirs, r), resume, wall)
         if distributed.is_main():
-            wall_path.write_text(json.dumps(wall))
+            _write_wall(wall_path, wall)
 
     from .evaluate import evaluate_checkpoints
     from .report import write_report
@@ -327,12 +327,19 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     wall["eval"] = round(time.time() - t0, 1)
     summary = {}
     if distributed.is_main():  # the report and summary are written once
-        wall_path.write_text(json.dumps(wall))
+        _write_wall(wall_path, wall)
         summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
                                total_wall=time.time() - t_start)
     distributed.barrier()  # every rank returns once they are on disk
     print(f"[train] done in {time.time() - t_start:.0f}s: {run_dir / 'report.md'}")
     return summary
+
+
+def _write_wall(path: Path, wall: dict) -> None:
+    """wall_times.json, replaced whole (the other ranks may be reading it as rank 0 passes finished stages)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(wall))
+    tmp.replace(path)
 
 
 def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=None, rm_dir=None) -> Path:

@@ -11,6 +11,11 @@ same configuration of everything it depends on, seed included) is hard-linked in
 arm's directory, with its metrics, and `run_train` keeps it as finished. A finished arm
 (arm.json) is reused as it is; an interrupted one continues where it stopped (its
 unfinished stage resumes from its last checkpoint).
+
+Under torchrun every rank runs every arm's stages (each spread over the ranks, as `train`
+spreads them) and its measurements; the bookkeeping — the arm's config.json and prefix.json,
+the links of shared stages, arm.json — is read and written by rank 0 alone
+(`distributed.on_main`), the other ranks waiting for its answer.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..config import RunConfig, to_dict
 from ..metrics import METRICS_FILE
 from ..pipeline import ORDER, PREFERENCES_FILE, stage_output
@@ -136,7 +141,7 @@ def link_shared_stages(cfg: RunConfig, arm_dir: Path, pool: Path) -> list[str]:
             own = arm_dir / "wall_times.json"
             wall = json.loads(own.read_text()) if own.exists() else {}
             wall.update({s: v for s, v in json.loads(donor_wall.read_text()).items() if s in linked})
-            own.write_text(json.dumps(wall))
+            write_json(own, wall, indent=None)
         print(f"[experiment] {arm_dir.name}: reusing {', '.join(linked)} of {donor}")
     return linked
 
@@ -154,8 +159,15 @@ def prepare_arm_dir(arm: Arm, arm_dir: Path) -> None:
             raise ValueError(f"{path}: the arm's directory holds a run of another configuration ({diff}); use "
                              f"another --out, or delete {arm_dir} to run the arm again")
     else:
-        path.write_text(json.dumps(mine, indent=1))
-    (arm_dir / PREFIX_FILE).write_text(json.dumps(stage_keys(arm.cfg), indent=1))
+        write_json(path, mine)
+    write_json(arm_dir / PREFIX_FILE, stage_keys(arm.cfg))
+
+
+def write_json(path: Path, obj, indent: int | None = 1) -> None:
+    """obj as JSON into path, written to a temporary name and renamed: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    tmp.replace(path)
 
 
 def _first_difference(a: dict, b: dict, where: str = "") -> str:
@@ -182,34 +194,47 @@ def run_arms(name: str, arms: list[Arm], exp_dir: Path, pool: Path,
 
     run(arm, arm_dir) trains the arm (stages already finished are kept), measure(arm, arm_dir)
     returns its numbers; both are skipped for a finished arm (arm.json). wall_s is the time
-    the arm took when it ran (stages linked from other arms cost it nothing)."""
+    the arm took when it ran (stages linked from other arms cost it nothing).
+
+    Under torchrun: run and measure on every rank (they are collective); the arm's files read
+    and written by rank 0 only, and every rank returns rank 0's records."""
     records, spent, ran = [], 0.0, 0
     t_start = time.time()
     for i, arm in enumerate(arms):
         arm_dir = exp_dir / "arms" / arm.dirname
         head = f"[experiment {name}] arm {i + 1}/{len(arms)} {arm.variant}, seed {arm.seed}"
-        prepare_arm_dir(arm, arm_dir)
         done = arm_dir / ARM_FILE
-        if done.exists():
-            rec = json.loads(done.read_text())
+        rec = distributed.on_main(_open_arm, arm, arm_dir)
+        if rec is not None:
             print(f"{head}: finished earlier, reused ({arm_dir})")
             records.append({**rec, "reused": True})
             continue
-        left = sum(1 for a in arms[i:] if not (exp_dir / "arms" / a.dirname / ARM_FILE).exists())
-        eta = f", about {_clock(spent / ran * left)} left" if ran else ""
-        print(f"{head}: running ({_clock(time.time() - t_start)} elapsed{eta})")
+        if distributed.is_main():  # the ETA, as only rank 0 prints it
+            left = sum(1 for a in arms[i:] if not (exp_dir / "arms" / a.dirname / ARM_FILE).exists())
+            eta = f", about {_clock(spent / ran * left)} left" if ran else ""
+            print(f"{head}: running ({_clock(time.time() - t_start)} elapsed{eta})")
         t0 = time.time()
-        link_shared_stages(arm.cfg, arm_dir, pool)
+        distributed.on_main(link_shared_stages, arm.cfg, arm_dir, pool)
         run(arm, arm_dir)
         numbers = measure(arm, arm_dir)
         wall = round(time.time() - t0, 1)
         rec = {"variant": arm.variant, "seed": arm.seed, "params": arm.params, "dir": str(arm_dir.relative_to(exp_dir)),
                "numbers": numbers, "wall_s": wall}
-        tmp = done.with_name(ARM_FILE + ".tmp")
-        tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(done)
-        spent, ran = spent + wall, ran + 1
-        print(f"{head}: done in {_clock(wall)}")
+        rec = distributed.on_main(_close_arm, done, rec)
+        spent, ran = spent + rec["wall_s"], ran + 1
+        print(f"{head}: done in {_clock(rec['wall_s'])}")
         records.append({**rec, "reused": False})
     return records
 
+
+def _open_arm(arm: Arm, arm_dir: Path) -> dict | None:
+    """prepare_arm_dir, then the finished arm's record (arm.json), or None when it has not finished."""
+    prepare_arm_dir(arm, arm_dir)
+    done = arm_dir / ARM_FILE
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def _close_arm(done: Path, rec: dict) -> dict:
+    """rec into arm.json (the arm is finished); returns rec."""
+    write_json(done, rec)
+    return rec

@@ -5,6 +5,15 @@ One pool of N = max(ns) samples per held-out prompt is drawn once, scored by the
 gold (gold for evaluation only), and every n is read off that pool with the unbiased
 estimator of stats.best_of_n_expectation; its KL to the SFT policy is the analytic
 log n − (n − 1)/n (stats.best_of_n_kl).
+
+Under torchrun the prompts are sharded over the ranks rather than sampled by rank 0 alone:
+the pools are the bulk of the work (n_max samples per prompt, far more than an evaluation
+draws) and independent of each other, so N ranks take about 1/N of the time instead of N − 1
+of them waiting. Each rank loads the whole SFT policy and RM (as evaluation does), samples and
+scores the pools of its contiguous share of the prompts with a seed of its own
+(distributed.rank_seed), the per-prompt scores are gathered in prompt order, and rank 0 writes
+the result. The samples differ from one process's (other seeds), as the evaluation's do; one
+process draws exactly what it always drew.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..device import resolve_device
 from ..evaluate import mean_se
 from ..generate import sample_responses
@@ -53,26 +62,33 @@ def run_best_of_n(cfg, run_dir, *, prompts: list, gold_score, n_max: int) -> dic
 
     prompts: held-out prompts the gold function knows; gold_score(prompt, response) -> float.
     The pool is sampled at eval.temperature (1 where evaluation is greedy: best-of-n needs
-    distinct samples)."""
+    distinct samples). Under torchrun: called on every rank; each samples its share of the
+    prompts, every rank returns the whole result."""
     run_dir = Path(run_dir)
     out = run_dir / RESULT_FILE
-    if out.exists():
-        return json.loads(out.read_text())
+    finished = distributed.on_main(lambda: json.loads(out.read_text()) if out.exists() else None)
+    if finished is not None:
+        return finished
     device = resolve_device(cfg.device)
     policy_dir = run_dir / ("pretrain" if cfg.skip_sft else "sft")
     tokenizer = checkpoint.load_tokenizer(policy_dir)
     policy = checkpoint.load_model_from(policy_dir, device=device).eval()
     rm = checkpoint.load_model_from(run_dir / "rm", device=device).eval()
-    pools = sample_responses(policy, tokenizer, prompts, n=n_max, max_new_tokens=cfg.eval.max_new_tokens,
+    mine = prompts[distributed.shard_slice(len(prompts))]  # this rank's share; all of them in one process
+    pools = sample_responses(policy, tokenizer, mine, n=n_max, max_new_tokens=cfg.eval.max_new_tokens,
                              temperature=cfg.eval.temperature or 1.0, batch_size=cfg.rm.sample_batch_size,
-                             seed=cfg.seed * 1_000_003 + 17, desc="best-of-n samples")
-    flat_p = [p for p, pool in zip(prompts, pools) for _ in pool]
+                             seed=distributed.rank_seed(cfg.seed * 1_000_003 + 17), desc="best-of-n samples")
+    flat_p = [p for p, pool in zip(mine, pools) for _ in pool]
     flat_r = [r for pool in pools for r in pool]
     scores = score_texts(rm, tokenizer, flat_p, flat_r, cfg.model.max_seq_len).tolist()
-    rm_scores = [scores[i * n_max:(i + 1) * n_max] for i in range(len(prompts))]
-    golds = [[gold_score(p, r) for r in pool] for p, pool in zip(prompts, pools)]
+    rm_scores = distributed.gather([scores[i * n_max:(i + 1) * n_max] for i in range(len(mine))])
+    golds = distributed.gather([[gold_score(p, r) for r in pool] for p, pool in zip(mine, pools)])
     ns = powers_of_two(n_max)
     result = {"n_max": n_max, "ns": ns, "prompts": len(prompts), "curve": curve(rm_scores, golds, ns)}
+    return distributed.on_main(_write, out, result)
+
+
+def _write(out: Path, result: dict) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)

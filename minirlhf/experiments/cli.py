@@ -38,11 +38,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    """Run the experiment(s); under torchrun every arm's stages are spread over the processes
+    (as `train` spreads them) and the experiment's files are written once, by rank 0."""
+    from .. import distributed
     from ..cli import apply_overrides
+    from ..device import resolve_device
 
     preset = args.preset or ("tiny" if args.smoke else "quick")
     cfg = experiment_config(C.PRESETS[preset](), args.smoke)
     cfg = apply_overrides(cfg, {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")})
+    distributed.init(cfg.model, resolve_device(cfg.device),  # several processes under torchrun; else nothing
+                     distributed.Options(args.dist_strategy, args.dist_timeout, args.dist_threads))
     out = Path(args.out or f"runs/experiments-{preset}{'-smoke' if args.smoke else ''}")
     seeds = args.seeds or (SMOKE_SEEDS if args.smoke else SEEDS)
     n_max = args.n_max or (SMOKE_N_MAX if args.smoke else N_MAX)

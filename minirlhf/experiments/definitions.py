@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import distributed
 from ..config import RunConfig, replace
 from ..metrics import Metrics
 from ..pipeline import PREFERENCES_FILE, run_train
@@ -311,27 +312,37 @@ def _iterate_arms(cfg: RunConfig, opts: Options) -> list[Arm]:
 def _iterate_run(arm: Arm, arm_dir: Path, opts: Options) -> None:
     """Round 1 is the recipe. Round r > 1: K responses per RM prompt sampled from round r−1's PPO
     policy and ranked by the annotator (the rankings stage, a fresh annotator seed), the RM
-    retrained from SFT on rounds 1..r's comparisons, PPO again from the SFT policy against it."""
+    retrained from SFT on rounds 1..r's comparisons, PPO again from the SFT policy against it.
+    Under torchrun the rankings stage is spread over the ranks; rank 0 alone looks at and writes
+    the files."""
     from ..stages.rankings import run_rankings
 
     rnd = arm.params["round"]
     if rnd > 1:
         merged = Path(arm.cfg.data.preferences)
-        if not merged.exists():
-            prev = arm_dir.parent / Arm(f"round{rnd - 1}", arm.seed, arm.cfg).dirname
-            new = arm_dir / f"rankings_round{rnd}.jsonl"
+        prev = arm_dir.parent / Arm(f"round{rnd - 1}", arm.seed, arm.cfg).dirname
+        new = arm_dir / f"rankings_round{rnd}.jsonl"
+        partial = new.with_name(new.name + ".partial")
+        has_merged, has_new, has_partial = distributed.on_main(lambda: (merged.exists(), new.exists(),
+                                                                        partial.exists()))
+        if not has_merged:
             task = task_of(arm.cfg.task)
-            if not new.exists():
+            if not has_new:
                 run_rankings(replace(arm.cfg, data={"preferences": None}), new, sft_dir=prev / "ppo",
                              prompts=task.rm_prompts, gold_score=task.gold_score,
                              annotator_seed=arm.seed + 1_000_003 * (rnd - 1), metrics=Metrics(arm_dir),
-                             resume=new.with_name(new.name + ".partial").exists())
+                             resume=has_partial)
             old = prev / PREFERENCES_FILE if rnd == 2 else merged_preferences(prev, rnd - 1)
-            tmp = merged.with_name(merged.name + ".tmp")
-            tmp.write_text(old.read_text(encoding="utf-8").rstrip("\n") + "\n" + new.read_text(encoding="utf-8"),
-                           encoding="utf-8")
-            tmp.replace(merged)
+            distributed.on_main(_merge, old, new, merged)
     run_train(arm.cfg, arm_dir, resume=True)
+
+
+def _merge(old: Path, new: Path, merged: Path) -> None:
+    """merged = old's comparisons, then new's (written to a temporary name and renamed)."""
+    tmp = merged.with_name(merged.name + ".tmp")
+    tmp.write_text(old.read_text(encoding="utf-8").rstrip("\n") + "\n" + new.read_text(encoding="utf-8"),
+                   encoding="utf-8")
+    tmp.replace(merged)
 
 
 def _iterate_measure(arm: Arm, arm_dir: Path, opts: Options) -> dict:

@@ -1,8 +1,10 @@
 """`python -m minirlhf experiment NAME`: run an experiment's arms, then write experiment.md,
-experiment.json (every number) and the PNG plots into OUT/NAME/."""
+experiment.json (every number) and the PNG plots into OUT/NAME/.
+
+Under torchrun every rank runs the arms (arms.run_arms) and rank 0 alone writes the report;
+every rank returns its document."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -11,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import RunConfig, replace
 from ..device import resolve_device
 from . import plots
-from .arms import run_arms
+from .arms import run_arms, write_json
 from .definitions import EXPERIMENTS, Options, by_variant, scalar_stats
 
 # `experiment all`: this order lets each experiment reuse the most finished stages of the ones before
@@ -38,8 +41,10 @@ def check_embedded_task(cfg: RunConfig) -> None:
 
 
 def machine() -> dict:
+    """What ran the arms; processes: torchrun's world size (1 without it), torch_threads: per process."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "processes": distributed.size()}
 
 
 def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64,
@@ -48,17 +53,29 @@ def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: i
 
     seeds: arms per variant, seeded cfg.seed, cfg.seed + 1, ...; rounds: iterate's rounds; n_max:
     best-of-n's largest n. ValueError (before any compute) for --data.* files (gold needs the
-    embedded task) or an arm directory that holds a run of another configuration."""
+    embedded task) or an arm directory that holds a run of another configuration. Under
+    torchrun: call it on every rank; rank 0 writes the files, every rank returns its document."""
     check_embedded_task(cfg)
     exp = EXPERIMENTS[name]
     out_root = Path(out_root)
     exp_dir = out_root / name
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    distributed.on_main(exp_dir.mkdir, parents=True, exist_ok=True)
     opts = Options(seeds=tuple(cfg.seed + i for i in range(seeds)), rounds=rounds, n_max=n_max, exp_dir=exp_dir)
     arms = exp.arms(cfg, opts)
     t0 = time.time()
     records = run_arms(name, arms, exp_dir, out_root, run=lambda a, d: exp.run(a, d, opts),
                        measure=lambda a, d: exp.measure(a, d, opts))
+    doc = distributed.on_main(_write_report, exp, records, opts, exp_dir, cfg, preset=preset, smoke=smoke,
+                              started=t0)
+    print(f"[experiment {name}] done: {exp_dir / 'experiment.md'}")
+    return doc
+
+
+def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: RunConfig, *, preset: str,
+                  smoke: bool, started: float) -> dict:
+    """experiment.json, experiment.md and the plots of the finished arms' records; returns the JSON document."""
+    name = exp.name
+    rounds, n_max = opts.rounds, opts.n_max
     lines, extra, panels = exp.report(records, opts)
     images = [plots.figure(exp_dir / fname, p, title=name).name for fname, p in panels.items()]
     doc = {
@@ -66,20 +83,25 @@ def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: i
         "seeds": list(opts.seeds), **({"rounds": rounds} if name == "iterate" else {}),
         **({"n_max": n_max} if name == "best-of-n" else {}),
         "device": str(resolve_device(cfg.device)), "machine": machine(),
-        "wall_s": round(sum(r["wall_s"] for r in records), 1), "wall_s_this_run": round(time.time() - t0, 1),
+        "wall_s": round(sum(r["wall_s"] for r in records), 1), "wall_s_this_run": round(time.time() - started, 1),
         "plots": images, "arms": records,
         "aggregate": {v: {"params": recs[0]["params"], **scalar_stats(recs)} for v, recs in by_variant(records).items()},
         **extra,
     }
-    (exp_dir / "experiment.json").write_text(json.dumps(doc, indent=1))
+    write_json(exp_dir / "experiment.json", doc)
     md = [f"# Experiment `{name}`", ""] + [f"> {q}" for q in exp.questions] + [
         "", f"Preset `{preset}`{' (--smoke sizes)' if smoke else ''}, seeds {', '.join(map(str, opts.seeds))}, "
         f"device {doc['device']} ({doc['machine']['processor']}, {doc['machine']['cpu_count']} cores, torch "
-        f"{doc['machine']['torch']}). Arms ran for {doc['wall_s'] / 60:.1f} min in all (stages shared with other "
-        f"arms were linked, not rerun). Every number is also in experiment.json.", ""]
+        f"{doc['machine']['torch']}{_processes(doc['machine'])}). Arms ran for {doc['wall_s'] / 60:.1f} min in all "
+        f"(stages shared with other arms were linked, not rerun). Every number is also in experiment.json.", ""]
     md += lines + [""] + [f"![{i}]({i})" for i in images] + ["", "## Arms", ""]
     md += ["| arm | seed | run directory | wall time (s) |", "| --- | --- | --- | --- |"]
     md += [f"| {r['variant']} | {r['seed']} | [{r['dir']}]({r['dir']}/report.md) | {r['wall_s']} |" for r in records]
-    (exp_dir / "experiment.md").write_text("\n".join(md) + "\n")
-    print(f"[experiment {name}] done: {exp_dir / 'experiment.md'}")
+    tmp = exp_dir / "experiment.md.tmp"
+    tmp.write_text("\n".join(md) + "\n")
+    tmp.replace(exp_dir / "experiment.md")
     return doc
+
+
+def _processes(m: dict) -> str:
+    return f", {m['processes']} processes under torchrun" if m.get("processes", 1) > 1 else ""

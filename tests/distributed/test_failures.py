@@ -56,6 +56,6 @@ def test_error_on_one_rank_ends_all_with_its_one_line(ddp_train, tmp_path):
 
 def test_a_mistake_before_the_process_group_is_one_line(tmp_path):
     """Every rank makes the same mistake before the group exists: local rank 0 says it, once."""
-    r = torchrun("experiment", "kl-sweep", "--smoke", "--out", tmp_path)
+    r = torchrun("experiment", "kl-sweep", "--smoke", "--out", tmp_path, "--ppo.kl_coef", "abc")
     assert r.returncode != 0 and r.stderr.count("error: ") == 1
-    assert "error: experiment: run it without torchrun" in r.stderr
+    assert "error: --ppo.kl_coef: expected float, got 'abc'" in r.stderr
