@@ -144,6 +144,21 @@ def load_tokenizer(path) -> Tokenizer:
     return _load_tokenizer_dir(p)
 
 
+def tokenizer_fingerprint(path) -> str:
+    """A digest of the tokenizer files a checkpoint holds (SentencePiece model, or tokenizer.json,
+    its config and chat template): equal digests, the same tokenizer."""
+    import hashlib
+
+    p = _resolve(path)
+    if p is None:
+        raise ValueError(f"{path}: no checkpoint here")
+    h = hashlib.sha256()
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (p / name).is_file():
+            h.update(name.encode() + b"\0" + (p / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def load_state(path) -> dict:
     """The resume state (optimizer, step, RNG, stage extras); RNG is not restored here.
 

@@ -156,7 +156,15 @@ def _help(section, f: dataclasses.Field, default) -> str:
 def resolve_config(args) -> C.RunConfig:
     cfg = C.PRESETS[args.preset]()
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    # a model that already exists has its own shape: only the context (max_seq_len) of an imported one is a run option
+    shape = sorted(k for k in overrides if k.startswith("model.") and not (cfg.init_from and k == "model.max_seq_len"))
+    existing = cfg.init_from or getattr(args, "from_dir", None) or args.command == "eval"
+    if shape and existing and args.command != "pretrain":
+        source = "--init-from" if cfg.init_from else "--from" if getattr(args, "from_dir", None) else "--ckpt"
+        raise ValueError(f"--{shape[0]}: the model comes from {source}, and its shape is the checkpoint's"
+                         + (" (with --init-from, --model.max_seq_len sets the run's context)" if cfg.init_from else ""))
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:

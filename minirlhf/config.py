@@ -257,6 +257,9 @@ def validate(cfg: RunConfig) -> None:
         relations.append((f"{section}.max_new_tokens", n, n + 2 <= cfg.model.max_seq_len,
                           f"leaves no room for a prompt in model.max_seq_len={cfg.model.max_seq_len} "
                           f"(prompt + response + EOS)"))
+    if cfg.init_from is not None and not str(cfg.init_from).strip():
+        relations.append(("init_from", cfg.init_from, False, "an empty path; give a .gguf file or a Hugging Face "
+                                                             "directory (or leave it out to pretrain)"))
     for name, value, ok, why in relations:
         if not ok:
             raise ValueError(f"config: {name}={value!r}: {why}")

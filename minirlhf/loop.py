@@ -99,8 +99,10 @@ def saver(out_dir, stage: str, models: dict, tokenizer, optimizers: dict,
     torchrun rank 0 writes it (FSDP2 shards are gathered to it first) while the others wait."""
     def save(step: int, finished: bool, info: dict | None = None) -> None:
         whole = {n: distributed.whole_model(m) for n, m in models.items()}
-        state = {"optimizers": {n: distributed.optimizer_state(o, models) for n, o in optimizers.items()},
-                 **extra_state()}
+        # a finished stage is never resumed: its state.pt keeps no optimizer moments (for a real model those
+        # are twice its weights) and no stage extras
+        state = {} if finished else {"optimizers": {n: distributed.optimizer_state(o, models)
+                                                    for n, o in optimizers.items()}, **extra_state()}
         if distributed.is_main():
             main = whole.pop("model")
             checkpoint.save(out_dir, stage=stage, model=main, tokenizer=tokenizer, step=step, finished=finished,

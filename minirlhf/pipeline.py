@@ -176,33 +176,97 @@ def _train_tokenizer(cfg: RunConfig, path: Path, corpus: list[str]):
     return tokenizer
 
 
+def _fingerprint(path: Path) -> str:
+    """What identifies a pretrained model on disk: its config.json (HF directory), or a GGUF
+    file's size and first MiB (its header and metadata)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if path.is_dir():
+        h.update((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    else:
+        h.update(str(path.stat().st_size).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def import_base(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """--init-from: the pretrained model becomes the run's base checkpoint (run_dir/pretrain, stage
     "import", imported once and kept like a finished stage); returns cfg with the imported model's
-    shape (model.max_seq_len: the run's option, which sizes the RoPE tables)."""
-    import dataclasses
-
+    shape (model.max_seq_len: the run's option, which sizes the RoPE tables). A rerun must name
+    the same model (the same file or directory, however the path is spelled, unchanged since)."""
     from .interop import load_pretrained
-    from .model import ModelConfig
 
+    source = Path(cfg.init_from).expanduser().resolve()
+    if not source.exists():
+        raise ValueError(f"--init-from {cfg.init_from}: no such file or directory")
     out = run_dir / "pretrain"
     if not checkpoint.is_finished(out):
         if distributed.is_main():
-            model, tokenizer = load_pretrained(cfg.init_from, max_seq_len=cfg.model.max_seq_len)
+            model, tokenizer = load_pretrained(source, max_seq_len=cfg.model.max_seq_len)
             checkpoint.save(out, stage="import", model=model, tokenizer=tokenizer, step=0, finished=True,
-                            info={"init_from": str(cfg.init_from), "params": model.num_params()})
-            print(f"[import] {cfg.init_from}: {model.num_params() / 1e6:.1f}M parameters -> {out}")
+                            info={"init_from": str(source), "fingerprint": _fingerprint(source),
+                                  "params": model.num_params()})
+            print(f"[import] {source}: {model.num_params() / 1e6:.1f}M parameters -> {out}")
         distributed.barrier()
-    meta = checkpoint.read_meta(out)
-    imported_from = meta.get("info", {}).get("init_from")
-    if imported_from != str(cfg.init_from):
-        raise ValueError(f"{out}: this run's base is {imported_from or 'a pretrained model of its own'}, not "
-                         f"--init-from {cfg.init_from}; use another --out")
-    model = ModelConfig(**meta["model"])
-    if model.max_seq_len != cfg.model.max_seq_len:
-        raise ValueError(f"{out}: imported with model.max_seq_len={model.max_seq_len}; rerun with that value, or "
-                         f"delete {out} to import again with {cfg.model.max_seq_len}")
-    return dataclasses.replace(cfg, model=model)
+    info = checkpoint.read_meta(out).get("info", {})
+    if info.get("init_from") != str(source):
+        raise ValueError(f"{out}: this run's base is {info.get('init_from') or 'a model it pretrained itself'}, "
+                         f"not --init-from {source}; use another --out")
+    if info.get("fingerprint") != _fingerprint(source):
+        raise ValueError(f"{out}: the model at {source} changed since this run imported it; use another --out "
+                         f"(or delete {out} to import it again)")
+    return adopt_model(cfg, run_dir, {"the imported base": out}, max_seq_len=cfg.model.max_seq_len)
+
+
+def adopt_model(cfg: RunConfig, run_dir: Path, ckpts: dict, max_seq_len: int | None = None) -> RunConfig:
+    """cfg with the model shape of the run's input checkpoints ({label: directory}), which must
+    agree: the same shape and max_seq_len, the same tokenizer (a reward model or reference read
+    with another tokenizer's ids gives silently wrong numbers). The effective config is
+    rewritten to run_dir/config.json. max_seq_len: the value the run asks for, checked too."""
+    import dataclasses
+
+    from .model import ModelConfig
+
+    (first_label, first), *others = ckpts.items()
+    shape = ModelConfig(**checkpoint.read_meta(first)["model"])
+    tok = checkpoint.tokenizer_fingerprint(first)
+    if max_seq_len is not None and shape.max_seq_len != max_seq_len:
+        raise ValueError(f"{first}: {first_label} has model.max_seq_len={shape.max_seq_len}, the run asks for "
+                         f"{max_seq_len}; rerun with --model.max_seq_len {shape.max_seq_len}")
+    for label, d in others:
+        other = ModelConfig(**checkpoint.read_meta(d)["model"])
+        if checkpoint.tokenizer_fingerprint(d) != tok:
+            raise ValueError(f"{d}: {label} uses another tokenizer than {first_label} ({first}); both must come "
+                             f"from the same base model")
+        if other.max_seq_len != shape.max_seq_len or other.vocab_size != shape.vocab_size:
+            raise ValueError(f"{d}: {label} has model.max_seq_len={other.max_seq_len}, vocab_size="
+                             f"{other.vocab_size}; {first_label} ({first}) has {shape.max_seq_len}, "
+                             f"{shape.vocab_size}: both must come from the same base model")
+    cfg = dataclasses.replace(cfg, model=shape)
+    if distributed.is_main():
+        from .config import to_dict
+
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        print(f"[config] model of {first_label}: " + ", ".join(f"{k}={v}" for k, v in to_dict(cfg)["model"].items()))
+    return cfg
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """A rerun of `train` into a run directory must ask for the model its checkpoints hold:
+    finished stages are kept, so another --model.* would silently mix two shapes."""
+    from .model import ModelConfig
+
+    for stage in ORDER:
+        out = run_dir / stage
+        if stage == "rankings" or not checkpoint.exists(out):
+            continue
+        held = ModelConfig(**checkpoint.read_meta(out)["model"])
+        for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "tie_embeddings"):
+            if getattr(held, f) != getattr(cfg.model, f):
+                raise ValueError(f"{out}: trained with model.{f}={getattr(held, f)}, this run asks for "
+                                 f"{getattr(cfg.model, f)}; use another --out, or the same model options")
 
 
 def gold_curve(cfg: RunConfig, inputs: Inputs, tokenizer):
@@ -299,6 +363,8 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     run_dir, inputs, metrics = _prepare(cfg, run_dir)
     if cfg.init_from:  # a pretrained model is the base: no pretraining
         cfg = import_base(cfg, run_dir)
+    else:
+        check_run_dir(cfg, run_dir)
     tokenizer = run_tokenizer(cfg, run_dir, inputs.corpus)
     stages = tuple(s for s in ORDER if not (s == "sft" and cfg.skip_sft)
                    and not (s == "rankings" and inputs.preferences is not None)
@@ -359,6 +425,9 @@ def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=
     for label, d in (("--from", from_dir), ("--rm", rm_dir)):
         if d is not None and not checkpoint.is_finished(d):
             raise ValueError(f"{label} {d}: not a finished checkpoint directory")
+    if name != "pretrain":  # the run's model is its input checkpoint's (and the reward model's must match)
+        cfg = adopt_model(cfg, run_dir, {"--from": from_dir, **({"--rm": rm_dir} if rm_dir else {})},
+                          max_seq_len=cfg.model.max_seq_len if cfg.init_from else None)
     tokenizer = run_tokenizer(cfg, run_dir, inputs.corpus) if name == "pretrain" else checkpoint.load_tokenizer(from_dir)
     stages = {"pretrain": ("pretrain",), "sft": ("sft",), "ppo": ("ppo",),
               "rm": ("rm",) if inputs.preferences is not None else ("rankings", "rm")}[name]
@@ -385,6 +454,8 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
         if d is not None and not checkpoint.exists(d):
             raise ValueError(f"{d}: not a checkpoint directory")
     ref = ref or ckpts[0]
+    cfg = adopt_model(cfg, run_dir, {"the reference": ref, **{f"--ckpt {c}": c for c in ckpts},
+                                     **({"--rm-ckpt": rm} if rm else {})})
     check_inputs(cfg, inputs, checkpoint.load_tokenizer(ref), ("eval",))
     results = evaluate_checkpoints({str(c): c for c in ckpts}, rm_dir=rm, ref_dir=ref, prompts=inputs.eval_prompts,
                                    gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
