@@ -102,12 +102,17 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
         shutil.rmtree(old)
 
 
+def _is_checkpoint(p: Path) -> bool:
+    """A stage directory: its config.json and its model (a run directory has a config.json too)."""
+    return (p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file()
+
+
 def _resolve(path) -> Path | None:
     path = Path(path)
-    if (path / CONFIG_FILE).exists():
+    if _is_checkpoint(path):
         return path
     old = path.with_name(path.name + ".old")
-    return old if (old / CONFIG_FILE).exists() else None
+    return old if _is_checkpoint(old) else None
 
 
 def exists(path) -> bool:
@@ -117,7 +122,11 @@ def exists(path) -> bool:
 def read_meta(path) -> dict:
     p = _resolve(path)
     if p is None:
-        raise ValueError(f"{path}: no checkpoint here (expected {CONFIG_FILE}, {MODEL_FILE}, {TOKENIZER_FILE})")
+        stages = sorted(d.name for d in Path(path).iterdir() if _is_checkpoint(d)) if Path(path).is_dir() else []
+        if stages:
+            raise ValueError(f"{path}: a run directory, not a stage's checkpoint; its stages: "
+                             + ", ".join(f"{path}/{s}" for s in stages))
+        raise ValueError(f"{path}: no checkpoint here (expected {CONFIG_FILE}, {MODEL_FILE} and a tokenizer)")
     try:
         return json.loads((p / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, OSError) as e:
@@ -130,18 +139,25 @@ def is_finished(path) -> bool:
 
 def load_model_from(path, name: str = "model", device="cpu") -> Transformer:
     """The model (or an extra model such as 'critic') stored in a checkpoint directory."""
-    p = _resolve(path)
     meta = read_meta(path)
+    p = _resolve(path)
     model = Transformer(ModelConfig(**meta["model"]))
-    load_model(model, str(p / f"{name}.safetensors"))
+    file = p / f"{name}.safetensors"
+    try:
+        load_model(model, str(file))
+    except (OSError, RuntimeError, ValueError) as e:  # missing, truncated, other shapes (safetensors' own errors too)
+        raise ValueError(f"{file}: not a loadable {name} for this checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{file}: a damaged safetensors file ({str(e).splitlines()[0][:160]})") from None
     return model.to(device)
 
 
 def load_tokenizer(path) -> Tokenizer:
-    p = _resolve(path)
-    if p is None:
-        raise ValueError(f"{path}: no checkpoint here")
-    return _load_tokenizer_dir(p)
+    read_meta(path)  # one message for a path that is not a checkpoint
+    return _load_tokenizer_dir(_resolve(path))
 
 
 def tokenizer_fingerprint(path) -> str:

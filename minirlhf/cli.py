@@ -82,7 +82,7 @@ def apply_overrides(cfg: C.RunConfig, overrides: dict[str, str]) -> C.RunConfig:
                 raise ValueError(f"--{name}: {section} has no field {key!r} (see --help)")
             nested.setdefault(section, {})[key] = parse_value(text, fs[key], name)
         elif name in top_fields:
-            top[name] = parse_value(text, top_fields[name], name)
+            top[name] = parse_value(text, top_fields[name], name.replace("_", "-"))
         else:
             raise ValueError(f"--{name}: unknown option (see --help)")
     return C.replace(cfg, **top, **nested)
@@ -113,13 +113,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, preset: str = "quick") -> None:
     p.add_argument("--preset", default="quick", choices=sorted(C.PRESETS),
                    help="starting configuration: tiny (tests, seconds), quick (2 CPU cores, ~5 min), gpu (~100M params, one GPU)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue a stage killed mid-way from its last checkpoint")
-    defaults = C.PRESETS["quick"]()
-    top = p.add_argument_group("run")
+    defaults = C.PRESETS[preset]()  # --help shows the defaults of the --preset given with it
+    top = p.add_argument_group("run", f"defaults shown: the {preset} preset's")
     for f in dataclasses.fields(C.RunConfig):
         if f.name in C.SECTIONS:
             continue
@@ -167,16 +167,27 @@ def resolve_config(args) -> C.RunConfig:
     return cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _preset_in(argv) -> str:
+    """The --preset given on the command line (for --help's defaults), else quick."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--preset=") else argv[i + 1] if a == "--preset" and i + 1 < len(
+            argv) else None
+        if value in C.PRESETS:
+            return value
+    return "quick"
+
+
+def build_parser(preset: str = "quick") -> argparse.ArgumentParser:
     p = _Parser(prog="minirlhf", description="RLHF from scratch: pretrain -> SFT -> reward model -> PPO.",
-                epilog="`python -m minirlhf COMMAND --help` lists every option of a command.")
+                epilog="`python -m minirlhf COMMAND --help` lists every option of a command.", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help in COMMANDS.items():
-        fmt = argparse.ArgumentDefaultsHelpFormatter if name in ("generate", "data") else argparse.HelpFormatter
         usage = f"minirlhf {name} [options] [--SECTION.FIELD VALUE ...]" if name in RUN_COMMANDS else None
-        sp = sub.add_parser(name, help=help, description=help, formatter_class=fmt, usage=usage)
+        fmt = argparse.ArgumentDefaultsHelpFormatter if name == "generate" else argparse.HelpFormatter
+        sp = sub.add_parser(name, help=help, description=help, usage=usage, formatter_class=fmt, allow_abbrev=False)
         if name in RUN_COMMANDS:
-            _add_run_options(sp)
+            _add_run_options(sp, preset)
         if name in ("sft", "rm", "ppo"):
             sp.add_argument("--from", dest="from_dir", default=None,
                             help="checkpoint directory of the previous stage (or --init-from a pretrained model)")
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--temperature", type=bounded(float, ge=0), default=0.8, help="0 = greedy")
             sp.add_argument("--top-k", type=bounded(int, ge=0), default=0, help="0 = off")
             sp.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0, help="1 = off")
-            sp.add_argument("--seed", type=bounded(int, ge=0), default=0)
+            sp.add_argument("--seed", type=bounded(int, ge=0, le=2**32 - 1), default=0)
             sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
         if name in PLUGGED:
             importlib.import_module(PLUGGED[name][0], __package__).add_arguments(sp)
@@ -206,14 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("action", choices=["export"])
             sp.add_argument("dir", help="output directory")
             sp.add_argument("--preset", default="quick", choices=sorted(C.PRESETS))
-            sp.add_argument("--seed", type=bounded(int, ge=0), default=None, help="task seed (default: the preset's)")
+            sp.add_argument("--seed", type=bounded(int, ge=0, le=2**32 - 1), default=None,
+                            help="task seed (default: the preset's)")
     return p
 
 
 def _run_dir(args, cfg: C.RunConfig) -> Path:
     run_dir = Path(args.out or f"runs/{args.preset}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir, "--out")
     return run_dir
+
+
+def make_dir(path: Path, option: str) -> None:
+    """mkdir -p, or one line naming the option when the directory cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise ValueError(f"{option} {path}: cannot make this directory ({why})") from None
 
 
 def _announce(cfg: C.RunConfig, run_dir: Path) -> None:
@@ -258,6 +279,7 @@ def cmd_data(args) -> int:
 
     cfg = C.PRESETS[args.preset]()
     task_cfg = cfg.task if args.seed is None else dataclasses.replace(cfg.task, seed=args.seed)
+    make_dir(Path(args.dir), "data export")
     export_task(build_task(task_cfg), args.dir)
     print(f"[data] wrote the embedded task ({args.preset} preset, seed {task_cfg.seed}) as JSONL to {args.dir}")
     return 0
@@ -283,7 +305,7 @@ def cmd_stages(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser = build_parser(_preset_in(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -309,6 +331,15 @@ def main(argv=None) -> int:
         return 2
     except (StageStopped, NonFiniteError) as e:  # the run cannot go on; what finished is kept
         distributed.report_failure(f"error: {e}")
+        return 1
+    except MemoryError as e:
+        distributed.report_failure(f"error: out of memory ({e}); lower the model, batch or sequence sizes")
+        return 1
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        first = str(e).strip().splitlines()[0][:200]
+        distributed.report_failure(f"error: out of memory ({first}); lower the model, batch or sequence sizes")
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; rerun with --resume to continue the current one",

@@ -53,7 +53,7 @@ def check_range(name: str, value, rng: dict, may_be_none: bool) -> None:
 @dataclass(frozen=True)
 class TaskConfig:
     """The embedded assistant task (minirlhf/data): a small generated world of facts."""
-    seed: int = knob(0, "seed of the generated world, corpus, demonstrations and prompts", ge=0)
+    seed: int = knob(0, "seed of the generated world, corpus, demonstrations and prompts", ge=0, le=2**32 - 1)
     base_alignment: float = knob(0.2, "fraction of the corpus's assistant dialogues that are good ones", ge=0, le=1)
     dialogue_fraction: float = knob(0.05, "fraction of corpus documents that are assistant dialogues", ge=0, le=1)
     n_corpus_docs: int = knob(20000, "pretraining corpus documents (plain prose about the world)", ge=1)
@@ -160,7 +160,8 @@ class PPOConfig:
                                             "exceeds this (none: never)", gt=0)
     grad_clip: float | None = knob(1.0, "clip the global gradient norm to this (none: no clipping)", gt=0)
     bookkeeping: str = knob("cpp", "rewards/GAE/whitening: cpp (the C++ rollout buffer) or torch (the readable "
-                                   "definitions in stages/ppo.py); same results", choices=("cpp", "torch"))
+                                   "definitions in stages/ppo.py); the same advantages to float rounding (whitening "
+                                   "may differ in the last bit)", choices=("cpp", "torch"))
     eval_every: int | None = knob(10, "iterations between gold evaluations on held-out prompts (none: never)", ge=1)
     eval_prompts: int = knob(64, "held-out prompts scored during training (the final eval uses all)", ge=1)
     save_every: int = knob(10, "iterations between resume checkpoints", ge=1)
@@ -201,7 +202,7 @@ MODEL_RANGES = {"vocab_size": {"ge": 8}, "dim": {"ge": 2}, "n_layers": {"ge": 1}
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; saved as config.json in the run directory."""
-    seed: int = knob(0, "seed of model init, sampling and data order", ge=0)
+    seed: int = knob(0, "seed of model init, sampling and data order", ge=0, le=2**32 - 1)
     device: str = knob("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     skip_sft: bool = knob(False, "use the base model as the SFT model (policy init and KL reference)")
     init_from: str | None = knob(None, "a pretrained model instead of pretraining: a Hugging Face directory or a .gguf "
@@ -257,6 +258,11 @@ def validate(cfg: RunConfig) -> None:
         relations.append((f"{section}.max_new_tokens", n, n + 2 <= cfg.model.max_seq_len,
                           f"leaves no room for a prompt in model.max_seq_len={cfg.model.max_seq_len} "
                           f"(prompt + response + EOS)"))
+    for f in dataclasses.fields(DataConfig):  # an unset shell variable gives "": not "use the embedded task"
+        path = getattr(cfg.data, f.name)
+        if path is not None and not str(path).strip():
+            relations.append((f"data.{f.name}", path, False, "an empty path (leave the option out to use the "
+                                                             "embedded task's data)"))
     if cfg.init_from is not None and not str(cfg.init_from).strip():
         relations.append(("init_from", cfg.init_from, False, "an empty path; give a .gguf file or a Hugging Face "
                                                              "directory (or leave it out to pretrain)"))

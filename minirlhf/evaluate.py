@@ -135,7 +135,8 @@ def evaluate_checkpoints(checkpoints: dict[str, Path], *, rm_dir, ref_dir, promp
         r = evaluate_policy(model, tokenizer, prompts, gold_score=gold_score, rm=rm, ref=ref,
                             max_new_tokens=ec.max_new_tokens, temperature=ec.temperature,
                             batch_size=ec.batch_size, seed=seed)
-        r["heldout_ppl"] = math.exp(stream_loss(model, heldout, seq_len, 64, 32, device))
+        loss = stream_loss(model, heldout, seq_len, 64, 32, device)
+        r["heldout_ppl"] = math.exp(loss) if loss < 700 else math.inf  # a collapsed model: e^loss overflows
         r["wall_s"] = round(time.time() - t0, 1)
         results[name] = r
         gold = f"gold {r['gold_mean']:.3f} ± {r['gold_se']:.3f}, " if "gold_mean" in r else ""

@@ -87,6 +87,10 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     device = model.embed.weight.device
     prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)
     B, P = prompt_tokens.shape
+    if P + max_new_tokens - 1 > model.cfg.max_seq_len:  # checked before any compute, not at the step that overflows
+        raise ValueError(f"generate: a prompt of {P} tokens and max_new_tokens={max_new_tokens} need "
+                         f"{P + max_new_tokens - 1} positions, more than model.max_seq_len={model.cfg.max_seq_len}; "
+                         f"shorten the prompt or lower the new tokens")
     cache = model.new_cache(B, P + max_new_tokens)
     key_mask = torch.cat([prompt_mask, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
     positions = prompt_mask.long().cumsum(-1) - 1

@@ -122,22 +122,24 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     last resume checkpoint on disk is the last good one."""
     metrics.log(stage, step, event="start")
     bar = progress(total, stage, initial=step)
+    saved = step or None  # the step of the checkpoint on disk (a resumed stage started from one)
     try:
         while step < total:
             try:
                 row = train_step(step)
             except NonFiniteError as e:
-                raise StageStopped(_stopped(stage, step + 1, str(e))) from None
+                raise StageStopped(_stopped(stage, step + 1, str(e), saved)) from None
             step += 1
             stop = bool(row.pop("stop", False))
             for key, value in row.items():
                 if isinstance(value, float) and not math.isfinite(value):
-                    raise StageStopped(_stopped(stage, step, f"{key} is {value}"))
+                    raise StageStopped(_stopped(stage, step, f"{key} is {value}", saved))
             metrics.log(stage, step, **row)
             bar.set_postfix({k: _short(row[k]) for k in show if k in row}, refresh=False)
             bar.update(1)
             if save_every and step % save_every == 0 and step < total and not stop:
                 save(step, finished=False)
+                saved = step
             fault_point(stage, step)
             if stop:
                 break
@@ -146,9 +148,12 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     return step
 
 
-def _stopped(stage: str, step: int, what: str) -> str:
-    return (f"{stage} stopped at step {step}: {what}; the last good checkpoint is kept — lower the learning "
-            f"rate (--{stage}.lr) and rerun with --resume")
+def _stopped(stage: str, step: int, what: str, saved: int | None) -> str:
+    if saved is None:
+        return (f"{stage} stopped at step {step}: {what}; no checkpoint of this stage was saved before it — lower "
+                f"the learning rate (--{stage}.lr) and rerun")
+    return (f"{stage} stopped at step {step}: {what}; its last checkpoint (step {saved}) is kept — lower the "
+            f"learning rate (--{stage}.lr) and rerun with --resume")
 
 
 def _short(v) -> str:

@@ -69,8 +69,8 @@ def load_inputs(cfg: RunConfig) -> Inputs:
         corpus_heldout = task.corpus_heldout
     if d.sft:
         sft = read_sft(d.sft)
-        cut = max(1, len(sft) // 10) if len(sft) > 1 else 0
-        sft, sft_heldout = sft[cut:], sft[:cut]
+        cut = max(1, len(sft) // 10) if len(sft) > 1 else 0  # the last 10% held out for SFT's held-out loss
+        sft, sft_heldout = sft[:len(sft) - cut], sft[len(sft) - cut:]
         if not sft_heldout:
             print(f"[data] note: {d.sft} has 1 demonstration; none is held out, SFT picks its last step",
                   file=sys.stderr)
@@ -83,7 +83,8 @@ def load_inputs(cfg: RunConfig) -> Inputs:
         eval_prompts=read_prompts(d.eval_prompts) if d.eval_prompts else task.eval_prompts,
         preferences=read_preferences(d.preferences) if d.preferences else None,
         task=task,
-        sources={"rm_prompts": d.rm_prompts, "ppo_prompts": d.ppo_prompts, "eval_prompts": d.eval_prompts},
+        sources={"rm_prompts": d.rm_prompts, "ppo_prompts": d.ppo_prompts, "eval_prompts": d.eval_prompts,
+                 "sft": d.sft},
     )
 
 
@@ -99,15 +100,23 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
         budgets.append(("ppo_prompts", inputs.ppo_prompts, cfg.ppo.max_new_tokens, "ppo"))
     if "eval" in stages:
         budgets.append(("eval_prompts", inputs.eval_prompts, cfg.eval.max_new_tokens, "eval"))
+    def where(name: str, i: int) -> str:
+        src = inputs.sources.get(name)
+        return f"{src}:{row_lines(src)[i]}" if src else f"the embedded task's {name}[{i}]"
+
+    def framed(name: str, i: int, frame: Callable, field: str):
+        try:  # a model's chat template may refuse a conversation our readers accept
+            return frame()
+        except ValueError as e:
+            raise ValueError(f"{where(name, i)}: {field}: {e}") from None
+
     for name, prompts, max_new, section in budgets:
         room = L - max_new - 1  # the response, and the EOS the RM reads a truncated response at
         for i, p in enumerate(prompts):
-            n = len(tokenizer.prompt_ids(p))
+            n = len(framed(name, i, lambda: tokenizer.prompt_ids(p), "prompt"))
             if n > room:
-                src = inputs.sources.get(name)
-                where = f"{src}:{row_lines(src)[i]}" if src else f"the embedded task's {name}[{i}]"
-                raise ValueError(f"{where}: prompt: {n} tokens, but model.max_seq_len={L} leaves {room} for a prompt "
-                                 f"next to {section}.max_new_tokens={max_new} and the EOS; shorten the prompt, "
+                raise ValueError(f"{where(name, i)}: prompt: {n} tokens, but model.max_seq_len={L} leaves {room} for a "
+                                 f"prompt next to {section}.max_new_tokens={max_new} and the EOS; shorten the prompt, "
                                  f"lower --{section}.max_new_tokens or raise --model.max_seq_len")
     if "rankings" in stages and inputs.preferences is None:
         unknown = [i for i, p in enumerate(inputs.rm_prompts) if not inputs.task.knows(p)]
@@ -128,19 +137,43 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
                                  f"pretrain.seq_len={pc.seq_len} + 2; give more text or lower --pretrain.seq_len")
     notes = []
     if "sft" in stages:
+        cut = whole = 0
+        for i, (p, r) in enumerate(inputs.sft + inputs.sft_heldout):  # in file order
+            ids, mask = framed("sft", i, lambda: tokenizer.frame(p, r), "messages" if not isinstance(p, str) else "prompt")
+            cut += len(ids) > L
+            whole += sum(mask) > L
+        if cut:
+            notes.append(f"{cut} demonstration(s) longer than model.max_seq_len={L} are cut on the left (the end of the "
+                         f"prompt and the response kept)" + (f"; {whole} of them lose the start of a response longer "
+                                                            f"than that" if whole else ""))
         if cfg.sft.samples is not None and cfg.sft.samples > len(inputs.sft):
             raise ValueError(f"config: sft.samples={cfg.sft.samples}: only {len(inputs.sft)} demonstrations are "
                              f"available")
         n_demos = min(len(inputs.sft), cfg.sft.samples or len(inputs.sft))
         if cfg.sft.batch_size > n_demos:
             notes.append(f"sft.batch_size={cfg.sft.batch_size} > {n_demos} demonstrations: one batch of all of them")
-    if "rm" in stages and inputs.preferences is not None:
-        from .stages.rm import heldout_split
+    if "rm" in stages:
+        from .stages.rm import drop_tied_pairs, heldout_split
 
-        if not heldout_split(inputs.preferences, cfg.rm.heldout_fraction, cfg.seed)[1]:
-            raise ValueError(f"{cfg.data.preferences}:0: file: {len(inputs.preferences)} comparison(s) with a "
-                             f"preference; after holding out rm.heldout_fraction={cfg.rm.heldout_fraction} none is left "
-                             f"to train on (give more, or --rm.heldout_fraction 0)")
+        own = inputs.preferences is not None
+        comparisons = inputs.preferences if own else inputs.rm_prompts  # rankings: one comparison per prompt
+        held, train = heldout_split(comparisons, cfg.rm.heldout_fraction, cfg.seed)
+        src = f"{cfg.data.preferences}:0: file" if own else "config: task.n_rm_prompts"
+        if not train:
+            raise ValueError(f"{src}: {len(comparisons)} comparison(s); after holding out rm.heldout_fraction="
+                             f"{cfg.rm.heldout_fraction} none is left to train on (give more, or "
+                             f"--rm.heldout_fraction 0)")
+        if own:
+            for c in inputs.preferences:
+                for r in c.responses:
+                    try:
+                        tokenizer.frame(c.prompt, r)
+                    except ValueError as e:
+                        raise ValueError(f"{cfg.data.preferences}: the comparison for prompt "
+                                         f"{str(c.prompt)[:60]!r}: {e}") from None
+            if not drop_tied_pairs(tokenizer, train, L)[0]:
+                raise ValueError(f"{src}: every training pair's two responses are the same tokens after framing: no "
+                                 f"preference to learn")
     if "ppo" in stages and distributed.active():  # every rank generates and trains on an equal share
         for name, n in (("batch_size", cfg.ppo.batch_size), ("minibatch_size", cfg.ppo.minibatch_size)):
             if n % distributed.size():
@@ -166,7 +199,15 @@ def run_tokenizer(cfg: RunConfig, run_dir: Path, corpus: list[str]):
 
 
 def _train_tokenizer(cfg: RunConfig, path: Path, corpus: list[str]):
-    tokenizer = Tokenizer.train(corpus, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+    try:
+        tokenizer = Tokenizer.train(corpus, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+    except RuntimeError as e:  # SentencePiece: "... Vocabulary size is smaller than required_chars. 8 vs 315. ..."
+        import re
+
+        need = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        raise ValueError(f"config: model.vocab_size={cfg.model.vocab_size}: too small for this corpus, which needs "
+                         f"{'more than ' + need.group(1) if need else 'more'} pieces (every character, the byte "
+                         f"fallback and the special tokens)") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"config: model.vocab_size={cfg.model.vocab_size}: the tokenizer needs "
                          f"{tokenizer.vocab_size} pieces (byte fallback and special tokens)")
@@ -196,6 +237,8 @@ def import_base(cfg: RunConfig, run_dir: Path) -> RunConfig:
     "import", imported once and kept like a finished stage); returns cfg with the imported model's
     shape (model.max_seq_len: the run's option, which sizes the RoPE tables). A rerun must name
     the same model (the same file or directory, however the path is spelled, unchanged since)."""
+    import dataclasses
+
     from .interop import load_pretrained
 
     source = Path(cfg.init_from).expanduser().resolve()
@@ -217,6 +260,7 @@ def import_base(cfg: RunConfig, run_dir: Path) -> RunConfig:
     if info.get("fingerprint") != _fingerprint(source):
         raise ValueError(f"{out}: the model at {source} changed since this run imported it; use another --out "
                          f"(or delete {out} to import it again)")
+    cfg = dataclasses.replace(cfg, init_from=str(source))  # one spelling of the path (stages.json keys)
     return adopt_model(cfg, run_dir, {"the imported base": out}, max_seq_len=cfg.model.max_seq_len)
 
 
@@ -251,22 +295,6 @@ def adopt_model(cfg: RunConfig, run_dir: Path, ckpts: dict, max_seq_len: int | N
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         print(f"[config] model of {first_label}: " + ", ".join(f"{k}={v}" for k, v in to_dict(cfg)["model"].items()))
     return cfg
-
-
-def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """A rerun of `train` into a run directory must ask for the model its checkpoints hold:
-    finished stages are kept, so another --model.* would silently mix two shapes."""
-    from .model import ModelConfig
-
-    for stage in ORDER:
-        out = run_dir / stage
-        if stage == "rankings" or not checkpoint.exists(out):
-            continue
-        held = ModelConfig(**checkpoint.read_meta(out)["model"])
-        for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "tie_embeddings"):
-            if getattr(held, f) != getattr(cfg.model, f):
-                raise ValueError(f"{out}: trained with model.{f}={getattr(held, f)}, this run asks for "
-                                 f"{getattr(cfg.model, f)}; use another --out, or the same model options")
 
 
 def gold_curve(cfg: RunConfig, inputs: Inputs, tokenizer):
@@ -318,6 +346,52 @@ def stage_calls(cfg: RunConfig, run_dir: Path, inputs: Inputs, metrics: Metrics,
     }
 
 
+# What each stage's output depends on, cumulatively along ORDER: the config fields ("section" or
+# "section.field") read by the stage and by every stage before it. A finished stage is kept on a
+# rerun only when its key (stage_keys) is what the run asks for.
+STAGE_FIELDS = {
+    "pretrain": ("seed", "device", "init_from", "model", "task", "data.corpus", "data.corpus_heldout", "pretrain"),
+    "sft": ("skip_sft", "data.sft", "sft"),
+    "rankings": ("rm", "data.rm_prompts", "data.preferences"),
+    "rm": (),
+    "ppo": ("ppo", "data.ppo_prompts", "data.eval_prompts"),
+}
+STAGES_FILE = "stages.json"  # stage -> the key of the configuration its finished output was made with
+
+
+def stage_keys(cfg: RunConfig, fields: dict = STAGE_FIELDS) -> dict[str, dict]:
+    """stage -> {field: value} of every config value its output depends on (fields, cumulative)."""
+    from .config import to_dict
+
+    d = to_dict(cfg)
+    keys, acc = {}, {}
+    for stage in ORDER:
+        for f in fields[stage]:
+            section, _, name = f.partition(".")
+            acc[f] = d[section][name] if name else d[section]
+        keys[stage] = dict(acc)
+    return keys
+
+
+def stages_of(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages `run_train` runs for cfg: no pretraining with --init-from, no sft with --skip-sft,
+    no rankings with --data.preferences."""
+    return tuple(s for s in ORDER if not (s == "sft" and cfg.skip_sft)
+                 and not (s == "rankings" and cfg.data.preferences) and not (s == "pretrain" and cfg.init_from))
+
+
+def _first_difference(recorded: dict, wanted: dict) -> str:
+    """`field=old` -> `new` of the first config value that differs (flattening sections)."""
+    for f in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(f), wanted.get(f)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                k = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                return f"{f}.{k}={a.get(k)!r}, this run asks for {b.get(k)!r}"
+            return f"{f}={a!r}, this run asks for {b!r}"
+    return ""
+
+
 def stage_output(name: str, run_dir: Path) -> Path:
     return run_dir / (PREFERENCES_FILE if name == "rankings" else name)
 
@@ -332,11 +406,21 @@ def _state(name: str, out: Path) -> tuple[bool, str | None]:
     return False, (f"{out} (step {checkpoint.read_meta(out)['step']})" if checkpoint.exists(out) else None)
 
 
-def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, wall: dict):
-    """Run one stage unless it already finished; refuse to silently restart a killed one."""
+def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, wall: dict,
+              key: dict | None = None):
+    """Run one stage unless it already finished; refuse to silently restart a killed one, and to
+    keep a finished one made with another configuration (key: stage_keys(cfg)[name], recorded in
+    the run directory's stages.json when the stage finishes)."""
     finished, unfinished = _state(name, out)
+    keys_path = out.parent / STAGES_FILE
+    recorded = json.loads(keys_path.read_text()) if key is not None and keys_path.exists() else {}
     if finished:
+        if key is not None and name in recorded and recorded[name] != key:
+            raise ValueError(f"{out}: made with {_first_difference(recorded[name], key)}; use another --out, or "
+                             f"delete {out} (and the stages after it) to redo it")
         print(f"[{name}] finished earlier, kept: {out}")
+        if key is not None and name not in recorded:
+            _record_key(keys_path, name, key)
         return
     if unfinished and not resume:
         raise ValueError(f"{unfinished}: unfinished {name} output; rerun with --resume to continue it, or "
@@ -345,6 +429,18 @@ def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, 
     t0 = time.time()
     call(bool(unfinished))
     wall[name] = round(time.time() - t0, 1)
+    if key is not None:
+        _record_key(keys_path, name, key)
+
+
+def _record_key(path: Path, name: str, key: dict) -> None:
+    if not distributed.is_main():
+        return
+    keys = json.loads(path.read_text()) if path.exists() else {}
+    keys[name] = key
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(keys, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def _prepare(cfg: RunConfig, run_dir) -> tuple[Path, Inputs, Metrics]:
@@ -363,12 +459,9 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     run_dir, inputs, metrics = _prepare(cfg, run_dir)
     if cfg.init_from:  # a pretrained model is the base: no pretraining
         cfg = import_base(cfg, run_dir)
-    else:
-        check_run_dir(cfg, run_dir)
     tokenizer = run_tokenizer(cfg, run_dir, inputs.corpus)
-    stages = tuple(s for s in ORDER if not (s == "sft" and cfg.skip_sft)
-                   and not (s == "rankings" and inputs.preferences is not None)
-                   and not (s == "pretrain" and cfg.init_from))
+    stages = stages_of(cfg)
+    keys = stage_keys(cfg)
     check_inputs(cfg, inputs, tokenizer, stages + ("eval",))
     wall_path = run_dir / "wall_times.json"
     wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
@@ -378,7 +471,8 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     if cfg.skip_sft:
         print("[sft] skipped (--skip-sft): the base model is the policy init and the KL reference")
     for name in stages:
-        run_stage(name, stage_output(name, run_dir), lambda r, name=name: calls[name](dirs, r), resume, wall)
+        run_stage(name, stage_output(name, run_dir), lambda r, name=name: calls[name](dirs, r), resume, wall,
+                  key=keys[name])
         if distributed.is_main():
             _write_wall(wall_path, wall)
 
@@ -395,7 +489,7 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     if distributed.is_main():  # the report and summary are written once
         _write_wall(wall_path, wall)
         summary = write_report(cfg, run_dir, evals, prompts=inputs.eval_prompts, rm_dir=dirs["rm"], wall=wall,
-                               total_wall=time.time() - t_start)
+                               total_wall=sum(wall.values()))  # every stage's time, over every invocation
     distributed.barrier()  # every rank returns once they are on disk
     print(f"[train] done in {time.time() - t_start:.0f}s: {run_dir / 'report.md'}")
     return summary
@@ -423,8 +517,16 @@ def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=
     if name == "ppo" and rm_dir is None:
         raise ValueError("ppo: give --rm RM_DIR (the reward model's checkpoint)")
     for label, d in (("--from", from_dir), ("--rm", rm_dir)):
-        if d is not None and not checkpoint.is_finished(d):
-            raise ValueError(f"{label} {d}: not a finished checkpoint directory")
+        if d is not None and not checkpoint.read_meta(d).get("finished"):
+            raise ValueError(f"{label} {d}: an unfinished checkpoint (resume its stage first)")
+    # the stage each input must come from: the policy is a language model, the reward model a trained RM
+    kinds = {"--from": {"sft": ("pretrain", "import"), "rm": ("sft", "pretrain", "import", "ppo"),
+                        "ppo": ("sft", "pretrain", "import", "ppo")}.get(name, ()), "--rm": ("rm",)}
+    for label, d in (("--from", from_dir), ("--rm", rm_dir)):
+        stage = checkpoint.read_meta(d).get("stage") if d is not None else None
+        if stage is not None and kinds[label] and stage not in kinds[label]:
+            raise ValueError(f"{label} {d}: a {stage} checkpoint; {name} takes {label} from "
+                             + " or ".join(kinds[label]))
     if name != "pretrain":  # the run's model is its input checkpoint's (and the reward model's must match)
         cfg = adopt_model(cfg, run_dir, {"--from": from_dir, **({"--rm": rm_dir} if rm_dir else {})},
                           max_seq_len=cfg.model.max_seq_len if cfg.init_from else None)
@@ -451,8 +553,10 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
     if not ckpts:
         raise ValueError("eval: give --ckpt DIR (repeatable) or --init-from PATH")
     for d in [*ckpts, ref, rm]:
-        if d is not None and not checkpoint.exists(d):
-            raise ValueError(f"{d}: not a checkpoint directory")
+        if d is not None:
+            checkpoint.read_meta(d)  # one line for a path that is not a stage's checkpoint
+    if rm is not None and checkpoint.read_meta(rm).get("stage") != "rm":
+        raise ValueError(f"--rm-ckpt {rm}: a {checkpoint.read_meta(rm).get('stage')} checkpoint, not a reward model")
     ref = ref or ckpts[0]
     cfg = adopt_model(cfg, run_dir, {"the reference": ref, **{f"--ckpt {c}": c for c in ckpts},
                                      **({"--rm-ckpt": rm} if rm else {})})

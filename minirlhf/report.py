@@ -78,6 +78,17 @@ def _plot_monitor(rows: list[dict], alarms: list, path: Path) -> None:
     plt.close(fig)
 
 
+def _finite(x):
+    """x with every non-finite float replaced by None (JSON has no inf or nan)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _show_prompt(prompt) -> str:
     """A prompt for the report: the text, or a conversation's turns as `role: content`."""
     if isinstance(prompt, str):
@@ -112,14 +123,17 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
         "device": str(resolve_device(cfg.device)),
         "torch_threads": torch.get_num_threads(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))  # strict JSON: inf/nan -> null
     _plot_gold(evals, run_dir / "gold_by_stage.png")
     _plot_ppo(ppo_rows, run_dir / "ppo_curves.png")
     _plot_monitor(ppo_rows, alarms, run_dir / "monitor.png")
 
+    gold_n = max((e.get("gold_n", 0) for e in evals.values()), default=0)
     lines = ["# minirlhf run report", "",
              f"{summary['eval_prompts']} held-out prompts, one sample each (temperature {cfg.eval.temperature}); "
-             f"KL is Σ_t log π − log π_ref over the sampled response, reference = SFT.", "",
+             + (f"gold over the {gold_n} the gold function knows; " if gold_n != summary["eval_prompts"] else "")
+             + f"KL is Σ_t log π − log π_ref over the sampled response, reference = "
+             f"{'the base model (--skip-sft)' if cfg.skip_sft else 'SFT'}.", "",
              "| stage | gold (mean ± SE) | RM score | KL to ref | response length | held-out perplexity |",
              "| --- | --- | --- | --- | --- | --- |"]
     for n, e in evals.items():
@@ -127,8 +141,9 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
         lines.append(f"| {n} | {gold} | {_fmt(e.get('rm_mean'))} | {_fmt(e.get('kl_mean'), 2)} | "
                      f"{e['response_len']:.1f} | {e['heldout_ppl']:.2f} |")
     acc = summary["rm_accuracy"]
-    lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(acc['vs_annotator'])} against the annotator's "
-              f"rankings, {_fmt(acc['vs_gold'])} against the gold function. Pairs whose two responses are identical "
+    labels = "your preference labels" if cfg.data.preferences else "the annotator's rankings"
+    lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(acc['vs_annotator'])} against {labels}, "
+              f"{_fmt(acc['vs_gold'])} against the gold function. Pairs whose two responses are identical "
               f"after framing carry no preference and were left out: {summary['rm_tied_pairs']['train_dropped']} in "
               f"training, {summary['rm_tied_pairs']['heldout_dropped']} held out.", "",
               "![gold by stage](gold_by_stage.png)", "", "## PPO", "", "![PPO curves](ppo_curves.png)", "",

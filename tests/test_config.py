@@ -10,7 +10,7 @@ from minirlhf.cli import apply_overrides, main
 
 # field: (values that must be accepted, values that must be refused). Boundaries on both sides.
 RANGES = {
-    "seed": ([0, 7], [-1]),
+    "seed": ([0, 7, 2**32 - 1], [-1, 2**32]),
     "model.vocab_size": ([384], [7]),
     "model.dim": ([128], [1]),
     "model.n_layers": ([1], [0]),
@@ -27,7 +27,7 @@ RANGES = {
     "model.rope_low_freq_factor": ([0.5], [0.0]),
     "model.rope_high_freq_factor": ([8.0], [0.0]),
     "model.rope_original_max_len": ([1], [0]),
-    "task.seed": ([0], [-1]),
+    "task.seed": ([0, 2**32 - 1], [-1, 2**32]),
     "task.base_alignment": ([0.0, 1.0], [-0.01, 1.01]),
     "task.dialogue_fraction": ([0.0, 1.0], [-0.01, 1.01]),
     "task.n_corpus_docs": ([1], [0]),

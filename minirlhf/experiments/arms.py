@@ -30,20 +30,10 @@ from typing import Callable
 from .. import checkpoint, distributed
 from ..config import RunConfig, to_dict
 from ..metrics import METRICS_FILE
-from ..pipeline import ORDER, PREFERENCES_FILE, stage_output
+from ..pipeline import ORDER, PREFERENCES_FILE, STAGE_FIELDS, stage_output, stages_of
+from ..pipeline import stage_keys as pipeline_stage_keys
 
 ARM_FILE, PREFIX_FILE, CONFIG_FILE = "arm.json", "prefix.json", "config.json"
-
-# What each stage's output depends on, cumulatively along ORDER (pipeline.stage_calls): the
-# config fields ("section" or "section.field") read by the stage and every stage before it.
-STAGE_FIELDS = {
-    "pretrain": ("seed", "device", "model", "task", "data.corpus", "data.corpus_heldout", "pretrain"),
-    "sft": ("skip_sft", "data.sft", "sft"),
-    "rankings": ("rm", "data.rm_prompts", "data.preferences"),
-    "rm": (),
-    "ppo": ("ppo", "eval", "data.ppo_prompts", "data.eval_prompts"),
-}
-
 
 @dataclass(frozen=True)
 class Arm:
@@ -59,22 +49,13 @@ class Arm:
         return f"{slug}-s{self.seed}"
 
 
+# an arm's stage is shared only with arms whose evaluation settings match too (its PPO run's gold curve)
+ARM_STAGE_FIELDS = {**STAGE_FIELDS, "ppo": STAGE_FIELDS["ppo"] + ("eval",)}
+
+
 def stage_keys(cfg: RunConfig) -> dict[str, str]:
-    """stage -> a JSON string of every config value its output depends on (STAGE_FIELDS)."""
-    d = to_dict(cfg)
-    keys, acc = {}, {}
-    for stage in ORDER:
-        for f in STAGE_FIELDS[stage]:
-            section, _, name = f.partition(".")
-            acc[f] = d[section][name] if name else d[section]
-        keys[stage] = json.dumps(acc, sort_keys=True)
-    return keys
-
-
-def stages_of(cfg: RunConfig) -> tuple[str, ...]:
-    """The stages `run_train` runs for cfg (no sft with --skip-sft; no rankings with --data.preferences)."""
-    return tuple(s for s in ORDER if not (s == "sft" and cfg.skip_sft)
-                 and not (s == "rankings" and cfg.data.preferences))
+    """stage -> the key of its output in an arm (pipeline.stage_keys with ARM_STAGE_FIELDS)."""
+    return pipeline_stage_keys(cfg, ARM_STAGE_FIELDS)
 
 
 def _finished(stage: str, out: Path) -> bool:

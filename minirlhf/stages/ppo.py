@@ -246,8 +246,12 @@ def run_ppo(cfg: RunConfig, out_dir, *, sft_dir, rm_dir, prompts: list, metrics:
                                                                               also=((m["critic"], pc.critic_lr),))},
                           extra_state=lambda: {"kl_coef": kl_ctl.value})
     policy, critic, optimizer, views = run.models["model"], run.models["critic"], run.optimizers["model"], run.views
-    if run.state is not None:
+    if run.state is not None and pc.adaptive_kl:  # the controller's β is state; a fixed β is the config's
         kl_ctl.value = run.state["kl_coef"]
+    # the learning rates are the config's, also on a resume (which may lower them): the optimizer state
+    # restores its groups' old ones; groups 0-1 are the policy's, 2-3 the critic's (optim.make_optimizer)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = pc.lr if i < 2 else pc.critic_lr
     reference = checkpoint.load_model_from(sft_dir, device=device).eval().requires_grad_(False)
     reward_model = checkpoint.load_model_from(rm_dir, device=device).eval().requires_grad_(False)
     bookkeeping = rollout if pc.bookkeeping == "cpp" else TORCH_BOOKKEEPING

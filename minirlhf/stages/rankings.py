@@ -55,9 +55,20 @@ def run_rankings(cfg: RunConfig, out_path, *, sft_dir, prompts: list, gold_score
     partial = out_path.with_name(out_path.name + ".partial")
     chunk = max(1, rc.sample_batch_size // rc.k)  # prompts per chunk: one generation batch
     n_chunks = -(-len(prompts) // chunk)
+    # what the partial rows were made with: a resume must continue with the same, or the file would mix them
+    made_with = {"rm.k": rc.k, "rm.temperature": rc.temperature, "rm.max_new_tokens": rc.max_new_tokens,
+                 "rm.sample_batch_size": rc.sample_batch_size, "seed": cfg.seed, "prompts": len(prompts)}
+    sidecar = partial.with_name(partial.name + ".json")
+    if resume and sidecar.exists():
+        before = json.loads(sidecar.read_text())
+        for k, v in made_with.items():
+            if before.get(k) != v:
+                raise ValueError(f"{partial}: started with {k}={before.get(k)!r}, this run asks for {v!r}; resume with "
+                                 f"the same, or delete {partial} to sample the rankings again")
     done, lines = _done_chunks(partial, chunk) if resume else (0, [])
     distributed.barrier()  # every rank has read the partial file
     if distributed.is_main():
+        sidecar.write_text(json.dumps(made_with))
         partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")  # drop a torn tail
     model = checkpoint.load_model_from(sft_dir, device=device)
     tokenizer = checkpoint.load_tokenizer(sft_dir)
@@ -92,6 +103,7 @@ def run_rankings(cfg: RunConfig, out_path, *, sft_dir, prompts: list, gold_score
                   metrics=metrics, save_every=None, show=())
     if distributed.is_main():
         partial.replace(out_path)  # a finished file or none
+        sidecar.unlink(missing_ok=True)
     distributed.barrier()
     comparisons = read_preferences(out_path)
     print(f"[rankings] {len(comparisons)} prompts ranked -> {out_path}")

@@ -191,6 +191,9 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
                 out.close()  # writes the gzip trailer; raw stays open
             raw.flush()
             os.fsync(raw.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a data file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

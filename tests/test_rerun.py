@@ -1,0 +1,196 @@
+"""What a new user's mistakes did before (each case failed then): reruns with other options,
+checkpoints that do not belong together, paths that are not what they should be, sizes that
+cannot work, and a resume that must take the new learning rate."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf import checkpoint
+from minirlhf.cli import apply_overrides, main
+from minirlhf.config import PRESETS
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_rerun_with_other_options_is_refused_not_mixed(tiny_run, capsys):
+    run_dir = str(tiny_run[0])
+    for args, message in ((["--ppo.kl_coef", "0.05"], "/ppo: made with ppo.kl_coef=0.3, this run asks for 0.05"),
+                          (["--skip-sft"], "made with skip_sft=False, this run asks for True"),
+                          (["--sft.lr", "0.01"], "/sft: made with sft.lr=0.001, this run asks for 0.01")):
+        assert main(["train", "--preset", "tiny", "--out", run_dir, *args]) == 2
+        line = _one_line(capsys)
+        assert message in line and "use another --out" in line, line
+
+
+def test_checkpoints_that_do_not_belong_together(tiny_run, tmp_path, capsys):
+    run = tiny_run[0]
+    assert main(["ppo", "--preset", "tiny", "--out", str(tmp_path / "a"), "--from", str(run / "sft"),
+                 "--rm", str(run / "sft")]) == 2
+    assert "a sft checkpoint; ppo takes --rm from rm" in _one_line(capsys)
+    other = tmp_path / "rm-other-tokenizer"
+    shutil.copytree(run / "rm", other)
+    from minirlhf.tokenizer import Tokenizer
+    Tokenizer.train(["the owl eats mice", "Lima is in Peru"] * 50, vocab_size=300).save(other / "tokenizer.model")
+    assert main(["ppo", "--preset", "tiny", "--out", str(tmp_path / "b"), "--from", str(run / "sft"),
+                 "--rm", str(other)]) == 2
+    assert "uses another tokenizer than --from" in _one_line(capsys)
+    assert main(["eval", "--preset", "tiny", "--out", str(tmp_path / "c"), "--ckpt", str(run)]) == 2
+    assert "a run directory, not a stage's checkpoint; its stages:" in _one_line(capsys)
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "ppo", broken)
+    (broken / "model.safetensors").write_bytes((run / "ppo" / "model.safetensors").read_bytes()[:3000])
+    assert main(["generate", "--ckpt", str(broken), "--prompt", "hi"]) == 2
+    assert "model.safetensors: a damaged safetensors file" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.vocab_size", "8"], "model.vocab_size=8: too small for this corpus"),
+    (["--task.n_rm_prompts", "1"], "config: task.n_rm_prompts: 1 comparison(s); after holding out"),
+    (["--data.sft", ""], "config: data.sft='': an empty path"),
+    (["--seed", str(2**32)], "config: seed=4294967296: must be >= 0 and <= 4294967295"),
+])
+def test_mistakes_found_before_any_stage_runs(tmp_path, capsys, args, message):
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), *args]) == 2
+    assert message in _one_line(capsys)
+    assert not (tmp_path / "r" / "pretrain").exists()
+
+
+def test_preferences_that_are_all_ties_are_refused_before_pretraining(tmp_path, capsys):
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"What does the fox eat? ({i})", "chosen": "Berries.",
+                                         "rejected": "Berries."}) + "\n" for i in range(12)))
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--data.preferences", str(prefs)]) == 2
+    assert "every training pair's two responses are the same tokens" in _one_line(capsys)
+    assert not (tmp_path / "r" / "pretrain").exists()
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "f")]) == 2
+    assert "--out " in _one_line(capsys)
+    assert main(["data", "export", str(tmp_path / "f" / "sub")]) == 2
+    assert "data export " in _one_line(capsys)
+
+
+def test_generate_checks_the_context_before_sampling(tiny_run, capsys):
+    assert main(["generate", "--ckpt", str(tiny_run[0] / "ppo"), "--prompt", "hi", "--max-new-tokens", "500"]) == 2
+    assert "more than model.max_seq_len=96" in _one_line(capsys)
+
+
+def test_help_shows_the_given_presets_defaults():
+    r = subprocess.run([sys.executable, "-m", "minirlhf", "train", "--preset", "tiny", "--help"], capture_output=True,
+                       text=True)
+    assert "optimizer steps (default: 20;" in r.stdout and "the tiny preset's" in r.stdout
+
+
+def test_exported_files_are_readable_by_others(tmp_path):
+    from minirlhf.data import write_jsonl
+
+    write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "x.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_collapsed_model_is_reported_not_a_crash(tiny_run, tmp_path, monkeypatch):
+    import math
+
+    import minirlhf.evaluate as ev
+    from minirlhf.report import _finite
+
+    monkeypatch.setattr(ev, "stream_loss", lambda *a, **k: 800.0)
+    run = tiny_run[0]
+    out = ev.evaluate_checkpoints({"ppo": run / "ppo"}, rm_dir=None, ref_dir=run / "sft", prompts=["Where is Lima?"],
+                                  gold_score=None, corpus_heldout=["The fox eats berries."] * 30,
+                                  ec=PRESETS["tiny"]().eval, seq_len=8, seed=0, device=torch.device("cpu"))
+    assert out["ppo"]["heldout_ppl"] == math.inf
+    assert json.loads(json.dumps(_finite({"ppl": math.inf, "x": [math.nan, 1.0]}))) == {"ppl": None, "x": [None, 1.0]}
+
+
+def test_ppo_resume_takes_the_new_learning_rate_and_fixed_beta(tiny_run, tmp_path, monkeypatch):
+    from minirlhf import optim
+    from minirlhf.metrics import Metrics
+    from minirlhf.pipeline import load_inputs
+    from minirlhf.stages.ppo import run_ppo
+
+    run = tiny_run[0]
+    cfg = apply_overrides(PRESETS["tiny"](), {"ppo.iterations": "3", "ppo.save_every": "1", "ppo.lr": "0.01",
+                                              "ppo.adaptive_kl": "false"})
+    prompts = load_inputs(cfg).ppo_prompts
+    real_save = checkpoint.save
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        if not k["finished"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(cfg, tmp_path / "ppo", sft_dir=run / "sft", rm_dir=run / "rm", prompts=prompts,
+                metrics=Metrics(tmp_path))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    seen = []
+    real_step = optim.step
+    monkeypatch.setattr(optim, "step", lambda opt, *a, **k: (seen.append([g["lr"] for g in opt.param_groups]),
+                                                             real_step(opt, *a, **k))[1])
+    lower = apply_overrides(cfg, {"ppo.lr": "1e-9", "ppo.critic_lr": "2e-9", "ppo.kl_coef": "0.0"})
+    run_ppo(lower, tmp_path / "ppo", sft_dir=run / "sft", rm_dir=run / "rm", prompts=prompts,
+            metrics=Metrics(tmp_path), resume=True)
+    assert seen and all(lrs == [1e-9, 1e-9, 2e-9, 2e-9] for lrs in seen)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kl_coef"] for r in rows if "kl_coef" in r][-2:] == [0.0, 0.0]
+
+
+def test_rankings_resume_with_another_k_is_refused(tiny_run, tmp_path, monkeypatch):
+    import minirlhf.stages.rankings as rankings
+    from minirlhf.metrics import Metrics
+    from minirlhf.pipeline import load_inputs
+
+    run = tiny_run[0]
+    cfg = PRESETS["tiny"]()
+    inputs = load_inputs(cfg)
+    real, calls = rankings.sample_responses, []
+
+    def dies_on_the_third_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rankings, "sample_responses", dies_on_the_third_chunk)
+    out = tmp_path / "preferences.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        rankings.run_rankings(cfg, out, sft_dir=run / "sft", prompts=inputs.rm_prompts,
+                              gold_score=inputs.task.gold_score, annotator_seed=0, metrics=Metrics(tmp_path))
+    monkeypatch.undo()
+    other = apply_overrides(cfg, {"rm.k": "2"})
+    with pytest.raises(ValueError, match=r"started with rm\.k=3, this run asks for 2"):
+        rankings.run_rankings(other, out, sft_dir=run / "sft", prompts=inputs.rm_prompts,
+                              gold_score=inputs.task.gold_score, annotator_seed=0, metrics=Metrics(tmp_path),
+                              resume=True)
+
+
+def test_long_demonstrations_are_said_to_be_cut(tmp_path, capsys):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": "word " * 150, "response": "ok " * (120 if i < 2 else 3)}) + "\n"
+                           for i in range(12)))
+    from minirlhf.pipeline import check_inputs, load_inputs
+    from minirlhf.tokenizer import Tokenizer
+
+    cfg = apply_overrides(PRESETS["tiny"](), {"data.sft": str(sft)})
+    inputs = load_inputs(cfg)
+    tok = Tokenizer.train(["word ok"] * 100 + inputs.corpus[:100], vocab_size=384)
+    check_inputs(cfg, inputs, tok, ("sft",))
+    err = capsys.readouterr().err
+    assert "12 demonstration(s) longer than model.max_seq_len=96 are cut on the left" in err
+    assert "2 of them lose the start of a response" in err
