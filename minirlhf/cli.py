@@ -131,7 +131,7 @@ def _add_run_options(p: argparse.ArgumentParser, preset: str = "quick") -> None:
                                          "results do not depend on these beyond float rounding")
     group.add_argument("--dist.strategy", dest="dist_strategy", default="auto", choices=distributed.STRATEGIES,
                        help=distributed.STRATEGY_HELP + " (default: auto)")
-    group.add_argument("--dist.timeout", dest="dist_timeout", type=bounded(float, gt=0), default=600.0,
+    group.add_argument("--dist.timeout", dest="dist_timeout", type=bounded(float, ge=1), default=600.0,
                        metavar="SECONDS", help="how long a collective waits for the other processes before every "
                        "process stops with an error (no hang when one dies) (default: 600)")
     group.add_argument("--dist.threads", dest="dist_threads", type=bounded(int, ge=0), default=0, metavar="INT",
@@ -335,17 +335,16 @@ def main(argv=None) -> int:
     except MemoryError as e:
         distributed.report_failure(f"error: out of memory ({e}); lower the model, batch or sequence sizes")
         return 1
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e) and "out of memory" not in str(e).lower():
-            raise
-        first = str(e).strip().splitlines()[0][:200]
-        distributed.report_failure(f"error: out of memory ({first}); lower the model, batch or sequence sizes")
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept; rerun with --resume to continue the current one",
               file=sys.stderr)
         return 130
-    except Exception as e:  # several processes: a lost peer, or another rank's failure, ends this one quietly
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()):
+            first = str(e).strip().splitlines()[0][:200]
+            distributed.report_failure(f"error: out of memory ({first}); lower the model, batch or sequence sizes")
+            return 1
+        # several processes: a lost peer, or another rank's failure, ends this one quietly
         code = distributed.end_on_error(e)
         if code is None:
             raise

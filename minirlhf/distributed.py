@@ -140,16 +140,19 @@ def fits_one_device(n_params: int, device: torch.device, local_world: int = 1) -
 
 
 # ---------------------------------------------------------------- start and end
-def init(model_cfg=None, device: torch.device | None = None, options: Options = Options()) -> None:
+def init(model_cfg=None, device: torch.device | None = None, options: Options | None = None) -> None:
     """Join the process group when torchrun started several processes; idempotent; nothing in one process.
 
     NCCL for CUDA tensors and gloo for CPU ones (small reductions and objects travel over
     gloo), each collective bounded by options.timeout_s; the CUDA device is this process's
     LOCAL_RANK. Resolves the strategy (model_cfg: the run's ModelConfig, for `auto`) and
-    silences the output of every rank but 0."""
-    _world.threads = options.threads
+    silences the output of every rank but 0. options: the --dist.* options (None: keep those given
+    by an earlier call, e.g. the CLI's)."""
+    if options is not None:
+        _world.threads = options.threads
     if active() or not launched():
         return
+    options = options or Options(threads=_world.threads)
     if options.strategy not in STRATEGIES:
         raise ValueError(f"--dist.strategy {options.strategy}: must be one of {', '.join(STRATEGIES)}")
     device = torch.device("cpu") if device is None else device
@@ -316,6 +319,20 @@ def gather(items: list) -> list:
     parts = [None] * size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def same_everywhere(name: str, value: dict) -> None:
+    """ValueError (one line, naming the first differing entry) unless every rank was given the same
+    `value`: several launches (nodes) must run one configuration."""
+    if not active():
+        return
+    everyone = [None] * size()
+    dist.all_gather_object(everyone, value)
+    for r, other in enumerate(everyone):
+        if other != value:
+            key = next((k for k in sorted(set(value) | set(other)) if value.get(k) != other.get(k)), "?")
+            raise ValueError(f"{name}: rank {r} was started with {key}={other.get(key)!r}, rank {rank()} with "
+                             f"{value.get(key)!r}; every process (every node's launch) must get the same options")
 
 
 def barrier() -> None:

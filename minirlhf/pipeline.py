@@ -443,8 +443,17 @@ def _record_key(path: Path, name: str, key: dict) -> None:
     tmp.replace(path)
 
 
+def _flat(cfg: RunConfig) -> dict:
+    """{"section.field": value} of the whole config."""
+    from .config import to_dict
+
+    return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in to_dict(cfg).items()
+            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
 def _prepare(cfg: RunConfig, run_dir) -> tuple[Path, Inputs, Metrics]:
     distributed.init(cfg.model, resolve_device(cfg.device))  # under torchrun (the CLI has done it); else nothing
+    distributed.same_everywhere("config", _flat(cfg))  # two launches with other options would hang, not fail
     use_all_cores()
     resolve_device(cfg.device)  # fail now, not after the first stage
     seed_everything(cfg.seed)

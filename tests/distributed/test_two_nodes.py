@@ -19,15 +19,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(out_dir, env=None, extra=()) -> list[tuple[int, str, str]]:
-    """`pretrain --preset tiny` by two torchrun launches, one process each: (exit code, stdout, stderr)."""
+def _two_nodes(out_dir, env=None, extra=(), per_node=((), ())) -> list[tuple[int, str, str]]:
+    """`pretrain --preset tiny` by two torchrun launches, one process each: (exit code, stdout, stderr).
+    per_node: options given to one launch only."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes",
                 "-m", "minirlhf", "pretrain", "--preset", "tiny", "--out", str(out_dir), "--dist.threads", "1", *extra]
     environ = {k: v for k, v in os.environ.items() if k not in ("MINIRLHF_KILL_AT", "MINIRLHF_FAIL_AT")}
     environ.update(OMP_NUM_THREADS="1", **(env or {}))
-    nodes = [subprocess.Popen(launcher, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    nodes = [subprocess.Popen([*launcher, *own], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for own in per_node]
     outputs = [node.communicate(timeout=240) for node in nodes]
     return [(node.returncode, *output) for node, output in zip(nodes, outputs)]
 
@@ -48,3 +49,14 @@ def test_a_node_that_dies_ends_the_other(tmp_path):
     assert all(code != 0 for code, _, _ in out)
     errors = [line for _, _, err in out for line in err.splitlines() if "error: " in line]
     assert len(errors) == 1 and "error: [rank 0] lost contact with the other processes" in errors[0], errors
+
+
+def test_launches_with_other_options_are_refused_at_once(tmp_path):
+    """A node started with other options would wait at its first mismatched collective until the
+    timeout and blame a lost peer; the configs are compared first."""
+    out = _two_nodes(tmp_path, extra=["--dist.timeout", "120"],
+                     per_node=(["--pretrain.steps", "20"], ["--pretrain.steps", "50"]))
+    assert all(code != 0 for code, _, _ in out)
+    errors = [line for _, _, err in out for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and "pretrain.steps=" in errors[0] and "must get the same options" in errors[0], errors
+    assert not (tmp_path / "pretrain").exists()

@@ -147,3 +147,14 @@ def test_help_states_the_strategy_and_its_default():
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
     assert "--dist.strategy {auto,ddp,fsdp}" in text
     assert "auto (the default) = DDP when the PPO stage" in text and "FSDP2 otherwise" in text
+
+
+def test_the_threads_option_survives_a_second_init():
+    """The CLI gives --dist.threads to init; the pipeline's own init must not reset it."""
+    from minirlhf import distributed
+
+    distributed.init(options=distributed.Options(threads=3))
+    distributed.init()
+    assert distributed.threads_option() == 3
+    distributed.init(options=distributed.Options())
+    assert distributed.threads_option() == 0
