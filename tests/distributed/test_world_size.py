@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from minirlhf.checkpoint import load_state
+from minirlhf.checkpoint import read_meta
 
 from .launch import HERE, assert_same_curve, assert_same_weights, ok, torchrun
 
@@ -82,7 +82,7 @@ def test_one_ppo_iteration_has_the_one_process_advantages_statistics_and_beta(ti
     for r in ranks:
         assert math.isclose(r["statistics"][0], mean, rel_tol=1e-6, abs_tol=1e-9)
         assert math.isclose(r["statistics"][1], var, rel_tol=1e-6)
-    beta = [load_state(d / "ppo")["kl_coef"] for d in (tmp_path / "one", tmp_path / "two")]
+    beta = [read_meta(d / "ppo")["info"]["kl_coef"] for d in (tmp_path / "one", tmp_path / "two")]
     assert beta[0] == beta[1] and ranks[0]["kl_coef"] == ranks[1]["kl_coef"] == beta[1]
     for name in ("model", "critic"):  # the replicas after the update: equal on both ranks
         for k in ranks[0][name]:
