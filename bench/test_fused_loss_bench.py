@@ -203,6 +203,13 @@ def check_linear(impl, batch, ours):
 # --------------------------------------------------------------------------- benchmarks
 
 
+def _sizes(d) -> dict:
+    """What the groups' titles name (convention 6): N tokens, hidden H, vocabulary V, dtype."""
+    B, T, H = d["hidden"].shape
+    return {"tokens": B * T, "hidden": H, "vocab_size": d["weight"].shape[0],
+            "dtype": str(d["hidden"].dtype).replace("torch.", "")}
+
+
 def _floor_bytes(d):
     return 3 * d["logits"].numel() * d["logits"].element_size()
 
@@ -227,14 +234,14 @@ def test_token_logprobs(benchmark, logits_batch, check_logprobs, impl):
         want = logprobs_call("naive", logits_batch)()
         extra = {"max_abs_diff_logp": assert_close_rel("liger logp", got[0], want[0].reshape(-1), _tol(got[0].dtype))}
     info = measure(benchmark, logprobs_call(impl, logits_batch), group="token_logprobs", impl=impl,
-                   ours=impl == "kernels", **extra)
+                   ours=impl == "kernels", **extra, **_sizes(logits_batch))
     _bandwidth_facts(info, _floor_bytes(logits_batch), benchmark)
 
 
 @pytest.mark.parametrize("impl", ["kernels", "naive"])
 def test_ppo_loss(benchmark, logits_batch, check_ppo, impl):
     info = measure(benchmark, ppo_call(impl, logits_batch), group="ppo_loss", impl=impl, ours=impl == "kernels",
-                   **(check_ppo if impl == "kernels" else {}))
+                   **(check_ppo if impl == "kernels" else {}), **_sizes(logits_batch))
     _bandwidth_facts(info, _floor_bytes(logits_batch), benchmark)
 
 
@@ -242,7 +249,7 @@ def test_ppo_loss(benchmark, logits_batch, check_ppo, impl):
 def test_linear_ppo_loss(benchmark, batch, linear_ours, impl):
     extra = {} if impl == "kernels" else check_linear(impl, batch, linear_ours)
     measure(benchmark, linear_call(impl, batch), group="linear_ppo_loss", impl=impl, ours=impl == "kernels",
-            **extra)
+            **extra, **_sizes(batch))
     if DEVICE == "cuda":
         B, T, H = batch["hidden"].shape
         flops = 6 * B * T * H * batch["weight"].shape[0]

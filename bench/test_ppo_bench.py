@@ -1,14 +1,15 @@
 """Our side of "one PPO iteration vs TRL's PPO trainer" (issue 14, comparison 1).
 
-The same shapes as bench/test_trl_ppo_bench.py (PPO_ITERATION_SHAPES): four models of
-1.31M parameters (policy and reference from one random init, a random reward model, the
-critic starting as a copy of it, as minirlhf does), 16 prompts of 16 tokens, 32 new tokens,
-4 PPO epochs over one minibatch, β = 0.05 fixed, lr 1e-5, temperature 1, no early stop.
-The real stage runs (minirlhf.stages.ppo.run_ppo, C++ bookkeeping); the time per iteration
-is the median over the iterations after the first (the warm-up), from the metrics the stage
-logs, and the per-phase split (generate / score / bookkeeping / update) is recorded beside it
-(convention 5 of bench/conftest.py). Responses run to 32 tokens (random models almost never
-sample the EOS), as on TRL's side.
+The same shapes as bench/test_trl_ppo_bench.py (the ppo_iteration_shapes fixture,
+SIZES[...]["ppo_iteration"] in bench/conftest.py; on CPU: four models of 1.31M parameters --
+policy and reference from one random init, a random reward model, the critic starting as a
+copy of it, as minirlhf does -- 16 prompts of 16 tokens, 32 new tokens, 4 PPO epochs over
+one minibatch), β = 0.05 fixed, lr 1e-5, temperature 1, no early stop. The real stage runs
+(minirlhf.stages.ppo.run_ppo, C++ bookkeeping) for `iterations` iterations; the time per
+iteration is the median over the iterations after the first (the warm-up), from the metrics
+the stage logs, and the per-phase split (generate / score / bookkeeping / update) is recorded
+beside it (convention 5 of bench/conftest.py). Responses run to the full length (random
+models almost never sample the EOS), as on TRL's side.
 """
 import dataclasses
 import json
@@ -17,9 +18,6 @@ import statistics
 import pytest
 import torch
 from conftest import DEVICE, PPO_ITERATION_GROUP, measure
-
-ITERATIONS = 4  # the first is a warm-up
-
 
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer over "t2".."t{V-1}" with <pad> = 0 and <eos> = 1 (TRL's side uses the
@@ -46,6 +44,7 @@ def test_minirlhf_ppo_iteration(benchmark, tmp_path, ppo_iteration_shapes, ppo_i
     from minirlhf.stages.ppo import run_ppo
 
     s = ppo_iteration_shapes
+    iterations = s["iterations"]  # the first is a warm-up
     tok = word_tokenizer(s["vocab_size"])
     torch.manual_seed(0)
     # one position more than TRL's models have: a truncated response is scored with the EOS appended
@@ -56,10 +55,10 @@ def test_minirlhf_ppo_iteration(benchmark, tmp_path, ppo_iteration_shapes, ppo_i
                         finished=True)
     g = torch.Generator().manual_seed(1)
     prompts = [" ".join(f"t{i}" for i in torch.randint(2, s["vocab_size"], (s["prompt_len"],), generator=g).tolist())
-               for _ in range(s["prompts"] * ITERATIONS)]
+               for _ in range(s["prompts"] * iterations)]
     assert all(len(tok.prompt_ids(p)) == s["prompt_len"] for p in prompts)
-    cfg = replace(PRESETS["tiny"](), model=dataclasses.asdict(model_cfg), pretrain=dict(seq_len=32),
-                  ppo=dict(iterations=ITERATIONS, batch_size=s["prompts"], minibatch_size=s["prompts"] // s["minibatches"],
+    cfg = replace(PRESETS["tiny"](), model=dataclasses.asdict(model_cfg), pretrain=dict(seq_len=min(32, model_cfg.max_seq_len)),
+                  ppo=dict(iterations=iterations, batch_size=s["prompts"], minibatch_size=s["prompts"] // s["minibatches"],
                  ppo_epochs=s["ppo_epochs"], max_new_tokens=s["new_tokens"], kl_coef=0.05, adaptive_kl=False,
                  lr=1e-5, critic_lr=1e-5, temperature=1.0, max_approx_kl=None, eval_every=None,
                  save_every=1000))
@@ -74,12 +73,14 @@ def test_minirlhf_ppo_iteration(benchmark, tmp_path, ppo_iteration_shapes, ppo_i
         return [r for r in read_metrics(tmp_path, "ppo") if "pg_loss" in r]
 
     rows = one_run()
-    assert len(rows) == ITERATIONS and all(r["response_len"] > 0 for r in rows)
+    assert len(rows) == iterations and all(r["response_len"] > 0 for r in rows)
     timed = rows[1:]  # the first iteration warms up
     per_iteration = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    policy_parameters = Transformer(ppo_iteration_model_config).num_params()
     phases = {p: statistics.median(r[f"time/{p}"] for r in timed) for p in ("generate", "score", "bookkeeping",
                                                                             "update")}
     measure(benchmark, lambda: None, group=PPO_ITERATION_GROUP, impl="minirlhf", ours=True, memory=False,
             rounds=1, time_s=statistics.median(per_iteration), iteration_s=per_iteration,
             response_len=statistics.mean(r["response_len"] for r in timed),
-            **{f"{p}_s": v for p, v in phases.items()}, shapes=json.loads(json.dumps(s)))
+            **{f"{p}_s": v for p, v in phases.items()}, shapes=json.loads(json.dumps(s)),
+            policy_parameters=policy_parameters, **{k: s[k] for k in ("prompts", "new_tokens", "ppo_epochs")})

@@ -1,50 +1,45 @@
 """The C++ bookkeeping (--ppo.bookkeeping cpp) against the torch definitions it mirrors
 (--ppo.bookkeeping torch).
 
-One PPO iteration's bookkeeping — per-token rewards, GAE + returns, advantage whitening —
-on B=1024 sequences x T=1024 tokens with lengths uniform in [1, T], timed in one
-pytest-benchmark run:
+Group "rollout_bookkeeping" (conventions in bench/conftest.py): one PPO iteration's
+bookkeeping -- per-token rewards, GAE + returns, advantage whitening -- on B sequences x T
+tokens (sizes["rollout"]: B=T=1024 on CPU) with lengths uniform in [1, T]:
 
-- torch:   minirlhf.stages.ppo's per_token_rewards, gae, whiten: the readable definitions
-           (a per-timestep loop over masked (B, T) tensors; torch's default threads)
-- numpy:   numpy vectorised over the batch, a Python loop over T (on transposed arrays, so
-           each step reads contiguous memory)
-- cpp:     minirlhf.rollout's per_token_rewards, gae, whiten, on all threads and on one
-- memcpy:  libc memmove of what the bookkeeping reads (logprobs, ref_logprobs, values:
-           12 MiB) into as many bytes of output (rewards, advantages, returns): the floor
-           for this memory-bound pass
+- torch:         minirlhf.stages.ppo's per_token_rewards, gae, whiten: the readable
+                 definitions (a per-timestep loop over masked (B, T) tensors; torch's threads)
+- numpy:         numpy vectorised over the batch, a Python loop over T (on transposed arrays,
+                 so each step reads contiguous memory)
+- cpp (ours):    minirlhf.rollout's per_token_rewards, gae, whiten, on all threads
+- cpp_1_thread (ours): the same on one thread
+- memcpy:        libc memmove of what the bookkeeping reads (logprobs, ref_logprobs, values)
+                 into as many bytes of output (rewards, advantages, returns): the floor for
+                 this memory-bound pass (ours / memcpy above 1 is the distance to it)
 
 Every implementation's output is checked against the torch definitions before it is timed.
-The medians, ratios and effective GB/s go to bench/results/rollout-<machine>.json (name the
-machine with MINIRLHF_BENCH_MACHINE; default: CPU model + CPU count).
+Besides the times: effective_GBps (the 6 * B * T * 4 bytes read and written per second,
+fastest round) and the threads used. No peak memory: numpy's and memcpy's buffers are
+invisible to torch's allocator.
 
     pytest bench/test_rollout_bench.py
 """
 import ctypes
-import json
 import os
-import platform
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import measure
 
 from minirlhf import rollout
 from minirlhf.stages import ppo
 
-B, T = 1024, 1024
 KL_COEF, GAMMA, LAM, TRUNCATION_PENALTY = 0.05, 0.99, 0.95, -1.0
-GROUP = "rewards+gae+whiten B=1024 T=1024"
-RESULTS = Path(__file__).parent / "results"
-
-_medians: dict[str, float] = {}
-_valid_tokens: list[int] = []
+GROUP = "rollout_bookkeeping"
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(sizes):
+    B, T = sizes["rollout"]["B"], sizes["rollout"]["T"]
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = ppo.response_mask(lengths, T)
@@ -52,10 +47,10 @@ def data():
     values, scores = torch.randn(B, T, generator=g), torch.randn(B, generator=g)
     for x in (logprobs, ref_logprobs, values):
         x[~mask] = 0  # the numpy version masks by multiplying, so padding must be finite
-    _valid_tokens[:] = [int(lengths.sum())]
     args = (logprobs, ref_logprobs, scores, lengths, values, lengths == T)
     rewards, advantages, returns = bookkeeping(ppo, *args)
-    return dict(args=args, mask=mask, rewards=rewards, advantages=advantages, returns=returns)
+    return dict(args=args, mask=mask, rewards=rewards, advantages=advantages, returns=returns, B=B, T=T,
+                valid_tokens=int(lengths.sum()))
 
 
 # ---------------------------------------------------------------- the implementations
@@ -99,41 +94,39 @@ def _check(got, data, exact):
     torch.testing.assert_close(advantages, data["advantages"], rtol=tol or 1e-6, atol=tol or 1e-6)
 
 
-def _record(benchmark, name):
-    _medians[name] = benchmark.stats.stats.median
+def _measure(benchmark, data, fn, impl, ours, rounds, threads=None):
+    moved = 6 * data["B"] * data["T"] * 4  # logprobs, ref_logprobs, values read; rewards, advantages, returns written
+    extra = {"B": data["B"], "T": data["T"], "valid_tokens": data["valid_tokens"], "bytes_moved": moved}
+    if threads is not None:
+        extra["threads"] = threads
+    measure(benchmark, fn, group=GROUP, impl=impl, ours=ours, memory=False, rounds=rounds, **extra)
+    benchmark.extra_info["effective_GBps"] = moved / benchmark.stats.stats.min / 1e9
 
 
-@pytest.mark.benchmark(group=GROUP)
 def test_torch(benchmark, data):
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark.pedantic(bookkeeping, (ppo, *data["args"]), rounds=5, warmup_rounds=1)
-    _record(benchmark, "torch")
+    _measure(benchmark, data, lambda: bookkeeping(ppo, *data["args"]), "torch", False, rounds=5,
+             threads=torch.get_num_threads())
 
 
-@pytest.mark.benchmark(group=GROUP)
 def test_numpy(benchmark, data):
     args = tuple(x.numpy() for x in data["args"]) + (data["mask"].numpy(),)
     _check(numpy_vectorised(*args), data, exact=False)
-    benchmark.pedantic(numpy_vectorised, args, rounds=7, warmup_rounds=1)
-    _record(benchmark, "numpy")
+    _measure(benchmark, data, lambda: numpy_vectorised(*args), "numpy", False, rounds=7)
 
 
 @pytest.mark.parametrize("threads", ["all", 1])
-@pytest.mark.benchmark(group=GROUP)
 def test_cpp(benchmark, data, threads):
     before = rollout.get_num_threads()
     n = len(os.sched_getaffinity(0)) if threads == "all" else threads
     rollout.set_num_threads(n)
     try:
         _check(bookkeeping(rollout, *data["args"]), data, exact=True)
-        benchmark.extra_info["threads"] = n
-        benchmark.pedantic(bookkeeping, (rollout, *data["args"]), rounds=100, warmup_rounds=3)
+        _measure(benchmark, data, lambda: bookkeeping(rollout, *data["args"]),
+                 "cpp" if threads == "all" else "cpp_1_thread", True, rounds=100, threads=n)
     finally:
         rollout.set_num_threads(before)
-    _record(benchmark, "cpp_all_threads" if threads == "all" else "cpp_1_thread")
 
 
-@pytest.mark.benchmark(group=GROUP)
 def test_memcpy(benchmark, data):
     logprobs, ref_logprobs, _, _, values, _ = data["args"]
     src = torch.stack([logprobs, ref_logprobs, values])
@@ -145,64 +138,4 @@ def test_memcpy(benchmark, data):
 
     copy()
     assert torch.equal(dst, src)
-    benchmark.pedantic(copy, rounds=100, warmup_rounds=3)
-    _record(benchmark, "memcpy")
-
-
-# ---------------------------------------------------------------- the results file
-
-def _machine():
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-
-    def field(name):
-        m = re.search(rf"^{name}\s*:\s*(.+)$", info, re.M)
-        return m.group(1).strip() if m else None
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": field("model name") or platform.processor() or platform.machine(),
-        "cpu_family_model": f"{field('cpu family')}/{field('model')}",
-        "cpus": cpus,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _slug(machine):
-    name = os.environ.get("MINIRLHF_BENCH_MACHINE")
-    if not name:
-        cpu = re.sub(r"\((r|tm)\)|\b(cpu|processor)\b|@.*", "", machine["cpu"], flags=re.I)
-        name = f"{cpu}-{machine['cpus']}cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def write_results():
-    yield
-    if len(_medians) < 5:
-        return  # a partial run (-k ...) does not overwrite the results
-    machine = _machine()
-    moved = 6 * B * T * 4  # logprobs, ref_logprobs, values read; rewards, advantages, returns written (float32)
-    cpp_all, cpp_1 = _medians["cpp_all_threads"], _medians["cpp_1_thread"]
-    result = {
-        "benchmark": "PPO bookkeeping: per-token rewards + GAE + returns + advantage whitening",
-        "config": {"B": B, "T": T, "lengths": "uniform in [1, T], seed 0", "kl_coef": KL_COEF, "gamma": GAMMA,
-                   "lam": LAM, "valid_tokens": _valid_tokens[0]},
-        "machine": machine,
-        "median_ms": {k: round(t * 1e3, 4) for k, t in _medians.items()},
-        "speedup_of_cpp_all_threads": {"vs_torch": round(_medians["torch"] / cpp_all, 1),
-                                       "vs_numpy": round(_medians["numpy"] / cpp_all, 1)},
-        "speedup_of_cpp_1_thread": {"vs_torch": round(_medians["torch"] / cpp_1, 1),
-                                    "vs_numpy": round(_medians["numpy"] / cpp_1, 1)},
-        "effective_GBps": {k: round(moved / t / 1e9, 2) for k, t in _medians.items()},
-        "effective_bytes": moved,
-        "cpp_fraction_of_memcpy_bandwidth": {"all_threads": round(_medians["memcpy"] / cpp_all, 3),
-                                             "1_thread": round(_medians["memcpy"] / cpp_1, 3)},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"rollout-{_slug(machine)}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    _measure(benchmark, data, copy, "memcpy", False, rounds=100)
