@@ -221,47 +221,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sequence-classification for the rm stage and the critic, causal-lm otherwise")
 
 
-def stage_meta(path) -> dict:
-    """The checkpoint config of a stage's directory; ValueError (one line) for anything else,
-    listing the stage checkpoints inside when `path` is a run directory."""
-    from .. import checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"--ckpt {p}: no such directory")
-    meta = None
-    if p.is_dir() and checkpoint.exists(p):
-        meta = checkpoint.read_meta(p)
-        meta = meta if isinstance(meta, dict) and "stage" in meta and "model" in meta else None
-    if meta is None:
-        inside = []
-        if p.is_dir():
-            for c in sorted(p.iterdir()):
-                try:
-                    if c.is_dir() and c.suffix not in (".tmp", ".old") and "stage" in checkpoint.read_meta(c):
-                        inside.append(str(c))
-                except (ValueError, TypeError):
-                    continue
-        hint = f"; the checkpoints in it: {', '.join(inside)}" if inside else ""
-        raise ValueError(f"--ckpt {p}: not a stage's checkpoint directory (config.json naming its stage, "
-                         f"model.safetensors, the tokenizer; e.g. runs/NAME/ppo){hint}")
-    return meta
-
-
 def main(args) -> int:
     from .. import checkpoint
 
-    meta = stage_meta(args.ckpt)
+    meta = checkpoint.read_meta(args.ckpt)  # a run directory: the message lists its stages
     if args.model != "model" and args.model not in meta.get("extra_models", []):
         raise ValueError(f"{args.ckpt}: --model {args.model}: not in this checkpoint "
                          f"(has: model{''.join(', ' + m for m in meta.get('extra_models', []))})")
     head = args.head or ("sequence-classification" if meta.get("stage") == "rm" or args.model == "critic"
                          else "causal-lm")
     check_out(args.out, protect=[args.ckpt])  # before the (slow) loading
-    try:
-        model = checkpoint.load_model_from(args.ckpt, args.model)
-    except FileNotFoundError:
-        raise ValueError(f"{Path(args.ckpt) / (args.model + '.safetensors')}: missing") from None
+    model = checkpoint.load_model_from(args.ckpt, args.model)
     tokenizer = checkpoint.load_tokenizer(args.ckpt)
     out = export_model(model, tokenizer, args.out, head, protect=[args.ckpt],
                        info={"ckpt": str(args.ckpt), "model": args.model, "stage": meta.get("stage")})

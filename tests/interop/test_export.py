@@ -175,9 +175,9 @@ def test_export_never_deletes_what_is_not_an_earlier_export(sp, tmp_path, capsys
         assert _tree(tmp_path) == before, out
     # a run directory for --ckpt: the message names the checkpoints inside it
     assert cli(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 2
-    _one_line_error(capsys, f"--ckpt {run}: not a stage's checkpoint directory", f"the checkpoints in it: {run / 'ppo'}")
+    _one_line_error(capsys, f"{run}: a run directory, not a stage's checkpoint; its stages: {run / 'ppo'}")
     assert cli(["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "hf")]) == 2
-    _one_line_error(capsys, "nowhere: no such directory")
+    _one_line_error(capsys, "nowhere: no checkpoint here")
     assert _tree(tmp_path) == before
 
 
