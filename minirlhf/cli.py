@@ -201,15 +201,17 @@ def build_parser(preset: str = "quick") -> argparse.ArgumentParser:
         if name == "generate":
             sp.add_argument("--ckpt", help="checkpoint directory of any stage")
             sp.add_argument("--init-from", help="or a pretrained model: Hugging Face directory or .gguf file")
-            sp.add_argument("--max-seq-len", type=int, default=None,
-                            help="with --init-from: longest prompt + response (default: the model's context)")
+            sp.add_argument("--max-seq-len", type=bounded(int, **C.MODEL_RANGES["max_seq_len"]), default=None,
+                            help="with --init-from only: longest prompt + response, which sizes the RoPE tables "
+                                 "(default: the model's context; a checkpoint keeps its model.max_seq_len)")
             sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
             sp.add_argument("--n", type=bounded(int, ge=1), default=1, help="samples per prompt")
-            sp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=48)
+            sp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=48,
+                            help="longest response in tokens (it ends earlier at the end-of-turn token)")
             sp.add_argument("--temperature", type=bounded(float, ge=0), default=0.8, help="0 = greedy")
             sp.add_argument("--top-k", type=bounded(int, ge=0), default=0, help="0 = off")
             sp.add_argument("--top-p", type=bounded(float, gt=0, le=1), default=1.0, help="1 = off")
-            sp.add_argument("--seed", type=bounded(int, ge=0, le=2**32 - 1), default=0)
+            sp.add_argument("--seed", type=bounded(int, ge=0, le=2**32 - 1), default=0, help="seed of the sampling")
             sp.add_argument("--raw", action="store_true", help="continue the text as is, without chat framing")
         if name in PLUGGED:
             importlib.import_module(PLUGGED[name][0], __package__).add_arguments(sp)
@@ -256,6 +258,13 @@ def cmd_generate(args) -> int:
     from .generate import generate
     if (args.ckpt is None) == (args.init_from is None):
         raise ValueError("generate: give exactly one of --ckpt DIR and --init-from PATH")
+    if args.ckpt is not None and args.max_seq_len is not None:
+        raise ValueError("generate: --max-seq-len goes with --init-from; a checkpoint keeps its own model.max_seq_len")
+    for p in args.prompt:  # argv bytes that are not UTF-8 arrive as lone surrogates U+DC80..U+DCFF (PEP 383)
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in p):
+            shown = "".join(c if not 0xD800 <= ord(c) <= 0xDFFF else f"\\x{ord(c) - 0xDC00:02x}"
+                            if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in p)
+            raise ValueError(f'generate: --prompt "{shown}": not UTF-8 text; give prompts in UTF-8')
     if args.init_from:
         from .interop import load_pretrained
 

@@ -31,10 +31,14 @@ def load_pretrained(path, max_seq_len: int | None = None, device="cpu"):
         return load_gguf(p, max_seq_len, device)
     if p.is_dir() and (p / "config.json").is_file():
         try:
-            is_hf = "model_type" in json.loads((p / "config.json").read_text())
+            config = json.loads((p / "config.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{p / 'config.json'}: line {e.lineno}: {e.msg}") from None
-        if is_hf:
+        except UnicodeDecodeError:
+            raise ValueError(f"{p / 'config.json'}: not UTF-8 text") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{p / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+        if "model_type" in config:
             from .hf import load_hf_dir
 
             return load_hf_dir(p, max_seq_len, device)

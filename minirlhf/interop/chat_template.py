@@ -61,8 +61,9 @@ def _strftime_now(fmt):
 
 
 @lru_cache(maxsize=16)
-def compile_template(source: str) -> jinja2.Template:
-    """The compiled template; raises ValueError (with Jinja's line) on a syntax error."""
+def compile_template(source: str, where: str = "chat template") -> jinja2.Template:
+    """The compiled template; raises ValueError `{where}: line N: ...` on a syntax error (where:
+    the file, or file and key, the template came from)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, loopcontrols])
     env.filters["tojson"] = _tojson
@@ -71,7 +72,7 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template: line {e.lineno}: {e.message}") from None
+        raise ValueError(f"{where}: line {e.lineno}: {e.message}") from None
 
 
 def render(source: str, messages: list[dict], *, add_generation_prompt: bool, special_tokens: dict[str, str]) -> str:

@@ -14,7 +14,14 @@ The tokenizer is rebuilt from the file's metadata: a byte-level BPE (`tokenizer.
 = "gpt2") from tokenizer.ggml.tokens/merges, with the pre-tokenizer that
 `tokenizer.ggml.pre` names (the regexes llama.cpp's llama-vocab.cpp uses, which are those
 of the original tokenizer.json); control tokens become special added tokens, as in the HF
-tokenizer. The chat template is tokenizer.chat_template.
+tokenizer. The chat template is tokenizer.chat_template. SentencePiece vocabularies
+(`tokenizer.ggml.model` = "llama": Llama 2, Mistral, TinyLlama) and other pre-tokenizers
+(llama.cpp's "default" included) are refused.
+
+Every metadata key read is checked (type, range: `metadata llama.attention.head_count: 0
+must be >= 1`), the eos token id must be in the vocabulary (another special token id out of
+range is ignored with a note, as llama.cpp does), the vocabulary may not exceed the
+embedding, and every weight must be finite.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import numpy as np
 import torch
 
 from ..model import ModelConfig, Transformer
-from .hf import load_state
+from .hf import Fields, check_max_seq_len, check_vocab, load_state, note
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
@@ -56,13 +63,16 @@ class _Meta:
         if f is None:
             return default
         string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
-        if f.types[0] == array:
-            if f.types[-1] == string:
-                return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
-            return [v for i in f.data for v in f.parts[i].tolist()]
-        if f.types[0] == string:
-            return bytes(f.parts[f.data[0]]).decode("utf-8")
-        return f.parts[f.data[0]].tolist()[0]
+        try:
+            if f.types[0] == array:
+                if f.types[-1] == string:
+                    return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+                return [v for i in f.data for v in f.parts[i].tolist()]
+            if f.types[0] == string:
+                return bytes(f.parts[f.data[0]]).decode("utf-8")
+            return f.parts[f.data[0]].tolist()[0]
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.where}: metadata {key}: a string that is not UTF-8") from None
 
     def need(self, key):
         v = self.get(key)
@@ -81,38 +91,49 @@ def _open(path: Path):
 
 
 def model_config_from_gguf(meta: _Meta, max_seq_len: int | None, tensor_names: set[str]) -> ModelConfig:
+    """Our ModelConfig from the file's {arch}.* metadata; every key read is checked (type, range)
+    and whatever we cannot represent refused: ValueError `{file}: metadata {key}: what is wrong`."""
     where = meta.where
-    arch = meta.need("general.architecture")
+    check_max_seq_len(max_seq_len)
+    f = Fields(meta.get, where, prefix="metadata ")
+    arch = f.string("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{where}: general.architecture={arch!r}: not supported ({', '.join(SUPPORTED_ARCHS)})")
-    dim, heads = int(meta.need(f"{arch}.embedding_length")), int(meta.need(f"{arch}.attention.head_count"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", dim // heads))
-    if meta.get(f"{arch}.attention.value_length", head_dim) != head_dim or head_dim % 2:
+    dim, heads = f.integer(f"{arch}.embedding_length"), f.integer(f"{arch}.attention.head_count")
+    n_kv = meta.get(f"{arch}.attention.head_count_kv")
+    if isinstance(n_kv, list):
+        raise ValueError(f"{where}: {arch}.attention.head_count_kv: per-layer head counts are not supported")
+    n_kv = f.integer(f"{arch}.attention.head_count_kv", heads)
+    if heads % n_kv:
+        raise f.error(f"{arch}.attention.head_count_kv", f"{n_kv} must divide {arch}.attention.head_count={heads}")
+    if meta.get(f"{arch}.attention.key_length") is None and dim % heads:
+        raise f.error(f"{arch}.attention.head_count", f"{heads} must divide {arch}.embedding_length={dim}")
+    head_dim = f.integer(f"{arch}.attention.key_length", dim // heads)
+    if f.integer(f"{arch}.attention.value_length", head_dim) != head_dim or head_dim % 2:
         raise ValueError(f"{where}: {arch}.attention.key_length/value_length: unsupported head size")
-    rot = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    rot = f.integer(f"{arch}.rope.dimension_count", head_dim)
     if rot != head_dim:
         raise ValueError(f"{where}: {arch}.rope.dimension_count={rot}: only full rotary embeddings (= head size "
                          f"{head_dim}) are supported")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    scaling = f.string(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise ValueError(f"{where}: {arch}.rope.scaling.type={scaling!r} / rope_freqs.weight: RoPE scaling in GGUF "
                          "files is not supported (import the Hugging Face directory instead)")
-    ctx = int(meta.get(f"{arch}.context_length", 0)) or None
-    seq = int(max_seq_len or ctx or 0)
+    ctx = f.integer(f"{arch}.context_length", 0, minimum=0) or None
+    seq = max_seq_len or ctx
+    if seq is None:
+        raise f.error(f"{arch}.context_length", "missing; give max_seq_len")
     if ctx and seq > ctx:
         raise ValueError(f"{where}: {arch}.context_length={ctx}: shorter than max_seq_len={seq}")
-    window = meta.get(f"{arch}.attention.sliding_window")
-    if window and int(window) < seq:
+    window = f.integer(f"{arch}.attention.sliding_window", 0, minimum=0)
+    if window and window < seq:
         raise ValueError(f"{where}: {arch}.attention.sliding_window={window}: shorter than max_seq_len={seq}")
-    n_kv = meta.get(f"{arch}.attention.head_count_kv", heads)
-    if isinstance(n_kv, list):
-        raise ValueError(f"{where}: {arch}.attention.head_count_kv: per-layer head counts are not supported")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.need("tokenizer.ggml.tokens"))
+    vocab = f.integer(f"{arch}.vocab_size", 0, minimum=0) or len(meta.need("tokenizer.ggml.tokens"))
     return ModelConfig(
-        vocab_size=int(vocab), dim=dim, n_layers=int(meta.need(f"{arch}.block_count")), n_heads=heads,
-        n_kv_heads=int(n_kv), ffn_dim=int(meta.need(f"{arch}.feed_forward_length")), max_seq_len=seq,
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        vocab_size=vocab, dim=dim, n_layers=f.integer(f"{arch}.block_count"), n_heads=heads,
+        n_kv_heads=n_kv, ffn_dim=f.integer(f"{arch}.feed_forward_length"), max_seq_len=seq,
+        rope_theta=f.number(f"{arch}.rope.freq_base", 10000.0),
+        norm_eps=f.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings="output.weight" not in tensor_names,
         head_dim=head_dim if head_dim != dim // heads or dim % heads else 0,
         qkv_bias="blk.0.attn_q.bias" in tensor_names)
@@ -172,17 +193,25 @@ def tokenizer_from_gguf(meta: _Meta):
     from .hf_tokenizer import HFTokenizer
 
     where = meta.where
-    kind = meta.need("tokenizer.ggml.model")
+    f = Fields(meta.get, where, prefix="metadata ")
+    kind = f.string("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{where}: tokenizer.ggml.model={kind!r}: only byte-level BPE vocabularies ('gpt2') are "
-                         "supported")
-    pre = meta.get("tokenizer.ggml.pre", "default")
+                         "supported (SentencePiece vocabularies, 'llama', are not)")
+    pre = f.string("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise ValueError(f"{where}: tokenizer.ggml.pre={pre!r}: not supported ({', '.join(PRE_TOKENIZERS)})")
     nfc, regex, digits, ignore_merges = PRE_TOKENIZERS[pre]
     tokens = meta.need("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or any(not isinstance(t, str) for t in tokens):
+        raise f.error("tokenizer.ggml.tokens", "expected a non-empty list of strings")
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise f.error("tokenizer.ggml.token_type", f"expected {len(tokens)} token types (one per token)")
+    merges = meta.need("tokenizer.ggml.merges")
+    if not isinstance(merges, list) or any(not isinstance(m, str) or " " not in m for m in merges):
+        raise f.error("tokenizer.ggml.merges", "expected a list of strings 'left right'")
+    merges = [tuple(m.split(" ", 1)) for m in merges]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError(f"{where}: tokenizer.ggml.tokens: duplicate tokens")
@@ -202,11 +231,18 @@ def tokenizer_from_gguf(meta: _Meta):
                     for i in range(len(tokens)) if types[i] in (control, user)])
     special = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and 0 <= int(i) < len(tokens):
-            special[name] = tokens[int(i)]
-    return HFTokenizer(tok, meta.get("tokenizer.chat_template"), special,
-                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        key = f"tokenizer.ggml.{key}_token_id"
+        if name == "eos_token" or meta.get(key) is not None:
+            i = f.integer(key, minimum=0)
+            if i >= len(tokens):
+                if name == "eos_token":
+                    raise f.error(key, f"{i} is out of range (the vocabulary has {len(tokens)} tokens)")
+                note(f"{where}: metadata {key}={i} is out of range ({len(tokens)} tokens); ignored, as llama.cpp does")
+                continue
+            special[name] = tokens[i]
+    return HFTokenizer(tok, f.string("tokenizer.chat_template", "") or None, special,
+                       add_bos=f.flag("tokenizer.ggml.add_bos_token"), where=f"{where}: metadata tokenizer.ggml",
+                       template_where=f"{where}: metadata tokenizer.chat_template")
 
 
 def load_gguf(path, max_seq_len: int | None = None, device="cpu"):
@@ -219,7 +255,9 @@ def load_gguf(path, max_seq_len: int | None = None, device="cpu"):
     names = {t.name for t in reader.tensors}
     cfg = model_config_from_gguf(meta, max_seq_len, names)
     tokenizer = tokenizer_from_gguf(meta)
-    permuted = meta.get("general.architecture") == "llama"
+    arch = meta.get("general.architecture")
+    check_vocab(tokenizer, cfg, f"{path}: metadata tokenizer.ggml.tokens", f"{path}: metadata {arch}.vocab_size")
+    permuted = arch == "llama"
     tensors = {}
     for t in reader.tensors:
         hn = _hf_tensor_name(t.name)
@@ -231,4 +269,10 @@ def load_gguf(path, max_seq_len: int | None = None, device="cpu"):
         tensors[hn] = w
     model = Transformer(cfg)
     load_state(model, tensors, where=str(path), shown=_gguf_tensor_name)
+    # the original's context (the sliding window when shorter), as hf.py records it
+    tokenizer.context_len = min([v for v in (meta.get(f"{arch}.context_length"),
+                                             meta.get(f"{arch}.attention.sliding_window")) if v] or [None])
+    if not tokenizer.own_template:
+        note(f"{path}: no chat template (metadata tokenizer.chat_template); prompts are framed in our plain "
+             "format 'User: ...\\nAssistant:'")
     return model.to(device).eval(), tokenizer

@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _RustTokenizer
 
 from ..tokenizer import HF_TOKENIZER_FILE, ChatTokenizer, Prompt, as_messages
-from .chat_template import PLAIN_TEMPLATE, render
+from .chat_template import PLAIN_TEMPLATE, compile_template, render
 
 CONFIG_FILE, TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -39,34 +39,50 @@ def _token_text(v) -> str | None:
 
 class HFTokenizer(ChatTokenizer):
     """tokenizer: a `tokenizers.Tokenizer`; chat_template: Jinja source (None: our plain
-    "User: ...\\nAssistant:" format, PLAIN_TEMPLATE); special: {"bos_token": str, ...} (the
-    ones the model defines); add_bos: whether a pretraining document starts with bos.
-    Raises ValueError when a special token is not in the vocabulary."""
+    "User: ...\\nAssistant:" format, PLAIN_TEMPLATE; own_template says which); special:
+    {"bos_token": str, ...} (the ones the model defines); add_bos: whether a pretraining
+    document starts with bos; context_len: the imported model's own context
+    (max_position_embeddings; None for ours), saved as tokenizer_config.json's
+    model_max_length. where / template_where name the file of the special tokens / of the
+    template in messages. Raises ValueError when a special token is not in the vocabulary,
+    there is no eos_token, or the template does not compile."""
 
     def __init__(self, tokenizer: _RustTokenizer, chat_template: str | None, special: dict[str, str],
-                 add_bos: bool = False):
+                 add_bos: bool = False, *, context_len: int | None = None, where: str = "tokenizer",
+                 template_where: str = "chat template"):
         self.tok = tokenizer
+        self.own_template = chat_template is not None
         self.chat_template = chat_template or PLAIN_TEMPLATE
+        self.context_len = context_len
+        compile_template(self.chat_template, where=template_where)  # a syntax error names its file here
         self.special = {k: v for k, v in special.items() if k in SPECIAL_NAMES and v is not None}
         ids = {}
         for name, text in self.special.items():
             i = tokenizer.token_to_id(text)
             if i is None:
-                raise ValueError(f"tokenizer: {name}={text!r} is not in the vocabulary")
+                raise ValueError(f"{where}: {name}={text!r} is not in the vocabulary")
             ids[name] = i
         if "eos_token" not in ids:
-            raise ValueError("tokenizer: no eos_token (needed to end documents and turns)")
+            raise ValueError(f"{where}: eos_token: missing (needed to end documents and turns)")
         self.bos_id = ids.get("bos_token")
         self.doc_eos_id = ids["eos_token"]
         self.pad_id = ids.get("pad_token", self.doc_eos_id)
         self.add_bos = bool(add_bos and self.bos_id is not None)
         self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_id = self._end_of_turn()
+
+    def with_pad_token(self, pad_id: int) -> "HFTokenizer":
+        """The same tokenizer with another pad token (by id; a token of the vocabulary)."""
+        special = {**self.special, "pad_token": self.tok.id_to_token(pad_id)}
+        return HFTokenizer(self.tok, self.chat_template if self.own_template else None, special, self.add_bos,
+                           context_len=self.context_len)
 
     # ---- the interface ----
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        """1 + the largest id the tokenizer can produce (added tokens included)."""
+        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -115,6 +131,8 @@ class HFTokenizer(ChatTokenizer):
         self.tok.save(str(d / HF_TOKENIZER_FILE))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special, "add_bos_token": self.add_bos,
                   "clean_up_tokenization_spaces": False}
+        if self.context_len:
+            config["model_max_length"] = self.context_len
         (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False))
         (d / TEMPLATE_FILE).write_text(self.chat_template)
 
@@ -122,32 +140,45 @@ class HFTokenizer(ChatTokenizer):
     def load(cls, directory) -> "HFTokenizer":
         """From a directory with tokenizer.json; special tokens from tokenizer_config.json (or
         special_tokens_map.json); the chat template from chat_template.jinja, else from
-        tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default").
-        Raises ValueError on an unreadable file."""
+        tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default");
+        context_len from tokenizer_config.json's model_max_length (as we write it: an integer
+        below 2**31; transformers writes 1e30 for "unknown"). Raises ValueError naming the file
+        on an unreadable or missing one."""
         d = Path(directory)
         try:
             tok = _RustTokenizer.from_file(str(d / HF_TOKENIZER_FILE))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{d / HF_TOKENIZER_FILE}: unreadable tokenizer: {e}") from None
-        config = {}
+        config, where = {}, None
         for name in (CONFIG_FILE, "special_tokens_map.json"):
             if (d / name).is_file():
                 try:
-                    config = {**json.loads((d / name).read_text()), **config}
+                    read = json.loads((d / name).read_text(encoding="utf-8"))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{d / name}: line {e.lineno}: {e.msg}") from None
+                except UnicodeDecodeError:
+                    raise ValueError(f"{d / name}: not UTF-8 text") from None
+                if not isinstance(read, dict):
+                    raise ValueError(f"{d / name}: expected a JSON object, got {type(read).__name__}")
+                config = {**read, **config}
+                where = where or str(d / name)
+        if where is None:
+            raise ValueError(f"{d / CONFIG_FILE}: missing (it names the special tokens; eos_token is needed)")
         special = {k: _token_text(config.get(k)) for k in SPECIAL_NAMES}
-        template = None
+        template, template_where = None, None
         if (d / TEMPLATE_FILE).is_file():
-            template = (d / TEMPLATE_FILE).read_text()
+            template, template_where = (d / TEMPLATE_FILE).read_text(encoding="utf-8"), str(d / TEMPLATE_FILE)
         elif isinstance(config.get("chat_template"), str):
-            template = config["chat_template"]
+            template, template_where = config["chat_template"], f"{d / CONFIG_FILE}: chat_template"
         elif isinstance(config.get("chat_template"), list):
             named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
-            template = named.get("default")
+            template, template_where = named.get("default"), f"{d / CONFIG_FILE}: chat_template 'default'"
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # the tokenizer.json post-processor decides, as in transformers
             with_special = tok.encode("a").ids
             add_bos = len(with_special) > len(tok.encode("a", add_special_tokens=False).ids) and \
                 special.get("bos_token") is not None and with_special[0] == tok.token_to_id(special["bos_token"])
-        return cls(tok, template, special, add_bos=bool(add_bos))
+        context = config.get("model_max_length")
+        context = context if isinstance(context, int) and not isinstance(context, bool) and 0 < context < 2**31 else None
+        return cls(tok, template, special, add_bos=bool(add_bos), context_len=context, where=where,
+                   template_where=template_where or "chat template")

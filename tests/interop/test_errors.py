@@ -21,6 +21,9 @@ def good(tmp_path_factory):
     return d
 
 
+NULL = object()  # a config value written as JSON null (None removes the key)
+
+
 def _copy(good, tmp_path, **config_changes):
     d = tmp_path / "m"
     shutil.copytree(good, d)
@@ -30,7 +33,7 @@ def _copy(good, tmp_path, **config_changes):
             if v is None:
                 c.pop(k, None)
             else:
-                c[k] = v
+                c[k] = None if v is NULL else v
         (d / "config.json").write_text(json.dumps(c))
     return d
 
@@ -68,6 +71,82 @@ def test_unsupported_configs_are_one_line(good, tmp_path, capsys, changes, field
     _refused(_copy(good, tmp_path, **changes), capsys, "config.json", field, max_seq_len=32)
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(hidden_size=NULL), "config.json: hidden_size: missing"),
+    (dict(hidden_size="64"), "config.json: hidden_size: expected an integer, got '64'"),
+    (dict(num_attention_heads=0), "config.json: num_attention_heads: 0 must be >= 1"),
+    (dict(num_attention_heads=6, head_dim=None), "config.json: num_attention_heads: 6 must divide hidden_size=64"),
+    (dict(num_key_value_heads=3), "config.json: num_key_value_heads: 3 must divide num_attention_heads=4"),
+    (dict(num_hidden_layers=0), "config.json: num_hidden_layers: 0 must be >= 1"),
+    (dict(intermediate_size=-1), "config.json: intermediate_size: -1 must be >= 1"),
+    (dict(vocab_size=1.5), "config.json: vocab_size: expected an integer, got 1.5"),
+    (dict(max_position_embeddings="long"), "config.json: max_position_embeddings: expected an integer"),
+    (dict(rms_norm_eps="abc"), "config.json: rms_norm_eps: expected a number, got 'abc'"),
+    (dict(rms_norm_eps=0), "config.json: rms_norm_eps: 0 must be a finite number > 0"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": -1}),
+     "config.json: rope_parameters.rope_theta: -1 must be a finite number > 0"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": NAN}),
+     "config.json: rope_parameters.rope_theta: nan must be a finite number > 0"),
+    (dict(rope_parameters=None, rope_theta=-1.0), "config.json: rope_theta: -1.0 must be a finite number > 0"),
+    (dict(rope_parameters=[1, 2]), "config.json: rope_parameters: expected an object"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
+                           "high_freq_factor": 1.0, "original_max_position_embeddings": 16}),
+     "config.json: rope_parameters.high_freq_factor: 1.0 must be > low_freq_factor=4.0"),
+    (dict(tie_word_embeddings="yes"), "config.json: tie_word_embeddings: expected true or false, got 'yes'"),
+    (dict(hidden_act=7), "config.json: hidden_act: expected a string, got 7"),
+    (dict(head_dim=-2), "config.json: head_dim: -2 must be >= 0"),
+    (dict(sliding_window="wide"), "config.json: sliding_window: expected an integer"),
+    (dict(architectures="MistralForCausalLM"), "config.json: architectures: expected a list"),
+])
+def test_every_config_field_is_checked_at_import(good, tmp_path, capsys, changes, message):
+    """Wrong types and out-of-range values are one line naming config.json and the HF field,
+    never a TypeError / ZeroDivisionError traceback or a model that fails later."""
+    _refused(_copy(good, tmp_path, **changes), capsys, message, max_seq_len=32)
+
+
+def test_malformed_files_are_named(good, tmp_path, capsys):
+    d = _copy(good, tmp_path / "a")
+    (d / "config.json").write_text("[1, 2]")
+    _refused(d, capsys, "config.json: expected a JSON object")
+    d = _copy(good, tmp_path / "b")
+    (d / "model.safetensors.index.json").write_text("[1, 2]")
+    _refused(d, capsys, "model.safetensors.index.json: expected a JSON object")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": 3}}))
+    _refused(d, capsys, "model.safetensors.index.json: weight_map.x: expected a shard file name")
+    d = _copy(good, tmp_path / "c")
+    (d / "tokenizer_config.json").unlink()
+    _refused(d, capsys, "tokenizer_config.json: missing")
+    d = _copy(good, tmp_path / "d")
+    c = json.loads((d / "tokenizer_config.json").read_text())
+    del c["eos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(c))
+    _refused(d, capsys, "tokenizer_config.json: eos_token: missing")
+    d = _copy(good, tmp_path / "e")
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }\n{% endfor %}")
+    _refused(d, capsys, "chat_template.jinja: line 1")
+
+
+def test_non_finite_weights_are_refused_at_import(good, tmp_path, capsys):
+    d = _copy(good, tmp_path)
+    st = d / "model.safetensors"
+    tensors = {k: v.clone() for k, v in load_file(st).items()}
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, st)
+    _refused(d, capsys, "model.safetensors: tensor model.layers.1.mlp.up_proj.weight holds NaN or infinite values")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys):
+    """Token ids past the embedding would be an IndexError in generate or SFT: refused at import."""
+    _, tok = build_hf_model("llama-tied", tmp_path, vocab_size=256)
+    assert len(tok) > 256
+    capsys.readouterr()
+    _refused(tmp_path, capsys, "tokenizer.json: the tokenizer has", f"{len(tok)} token ids",
+             "vocabulary of 256", "config.json: vocab_size")
+
+
 def test_max_seq_len_beyond_the_model(good, tmp_path, capsys):
     _refused(good, capsys, "max_position_embeddings=128", max_seq_len=256)
 
@@ -102,19 +181,21 @@ def test_missing_files(good, tmp_path, capsys):
     _refused(tmp_path / "nowhere", capsys, "nowhere")
 
 
-def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2", extra=None):
+def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2", extra=None, heads=2, eos=1, ints=None):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(8)
     w.add_block_count(1)
     w.add_feed_forward_length(8)
-    w.add_head_count(2)
+    w.add_head_count(heads)
     w.add_tokenizer_model(tokenizer_model)
     w.add_token_list(["a", "b", "ab"])
     w.add_token_merges(["a b"])
-    w.add_eos_token_id(1)
+    w.add_eos_token_id(eos)
     for k, v in (extra or {}).items():
         w.add_string(k, v)
+    for k, v in (ints or {}).items():
+        w.add_uint32(k, v)
     w.add_tensor("token_embd.weight", torch.zeros(3, 8).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -138,3 +219,17 @@ def test_gguf_refusals(tmp_path, capsys):
     data = (tmp_path / "ok.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 40])
     _refused(tmp_path / "cut.gguf", capsys, "cut.gguf", "corrupt")
+
+
+def test_gguf_metadata_is_checked(tmp_path, capsys):
+    ok = {"tokenizer.ggml.pre": "gpt-2"}
+    _tiny_gguf(tmp_path / "h0.gguf", extra=ok, heads=0)
+    _refused(tmp_path / "h0.gguf", capsys, "h0.gguf: metadata llama.attention.head_count: 0 must be >= 1")
+    _tiny_gguf(tmp_path / "eos.gguf", extra=ok, eos=7)
+    _refused(tmp_path / "eos.gguf", capsys, "eos.gguf: metadata tokenizer.ggml.eos_token_id: 7 is out of range "
+             "(the vocabulary has 3 tokens)")
+    _tiny_gguf(tmp_path / "tpl.gguf", extra={**ok, "tokenizer.chat_template": "{% if %}"})
+    _refused(tmp_path / "tpl.gguf", capsys, "tpl.gguf: metadata tokenizer.chat_template: line 1")
+    _tiny_gguf(tmp_path / "voc.gguf", extra=ok, ints={"llama.vocab_size": 2})
+    _refused(tmp_path / "voc.gguf", capsys, "the tokenizer has 3 token ids, more than the model's vocabulary of 2",
+             "metadata llama.vocab_size")

@@ -1,4 +1,6 @@
 """Our checkpoints → Hugging Face directories that transformers loads with the same logits / scores / ids."""
+import json
+
 import sentencepiece as spm
 import pytest
 import torch
@@ -143,3 +145,133 @@ def test_export_refuses_a_tokenizer_it_cannot_reproduce(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "encodes" in err and "differently" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists()
+
+
+def _one_line_error(capsys, *expect):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for s in expect:
+        assert s in err, (s, err)
+
+
+def _tree(d):
+    return sorted((str(p.relative_to(d)), p.read_bytes() if p.is_file() else None) for p in d.rglob("*"))
+
+
+def test_export_never_deletes_what_is_not_an_earlier_export(sp, tmp_path, capsys):
+    """--out may be new, empty or an earlier export; the checkpoint, its run, a directory of
+    other files or a file are refused in one line with nothing changed."""
+    run = tmp_path / "runs" / "cp"
+    _save(run / "ppo", "ppo", _random_model(), sp)
+    (run / "notes").mkdir()
+    (run / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "afile").write_text("a file")
+    before = _tree(tmp_path)
+    for out, message in [(run / "ppo", "is or holds the checkpoint"), (run, "is or holds the checkpoint"),
+                         (tmp_path, "is or holds the checkpoint"), (run / "ppo" / "hf", "inside the checkpoint"),
+                         (run / "notes", "a directory of other files"), (tmp_path / "afile", "exists and is not a directory")]:
+        assert cli(["export", "--ckpt", str(run / "ppo"), "--out", str(out)]) == 2, out
+        _one_line_error(capsys, f"--out {out}: {message}")
+        assert _tree(tmp_path) == before, out
+    # a run directory for --ckpt: the message names the checkpoints inside it
+    assert cli(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 2
+    _one_line_error(capsys, f"{run}: a run directory, not a stage's checkpoint; its stages: {run / 'ppo'}")
+    assert cli(["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "hf")]) == 2
+    _one_line_error(capsys, "nowhere: no checkpoint here")
+    assert _tree(tmp_path) == before
+
+
+def test_an_earlier_export_is_replaced_whole(sp, tmp_path, capsys, monkeypatch):
+    first, second = _random_model(), _random_model(tie_embeddings=False)
+    with torch.no_grad():
+        second.embed.weight.mul_(2)
+    _save(tmp_path / "a", "sft", first, sp)
+    _save(tmp_path / "b", "sft", second, sp)
+    (tmp_path / "empty").mkdir()
+    assert cli(["export", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "empty")]) == 0
+    assert cli(["export", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "hf")]) == 0
+    (tmp_path / "hf" / "stale.txt").write_text("from an older export")
+    assert cli(["export", "--ckpt", str(tmp_path / "b"), "--out", str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "stale.txt").exists(), "replaced whole, not written over"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(hf.model.embed_tokens.weight, second.embed.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "empty", "hf"], "no temporary directories left"
+    # an export that fails (a tokenizer it cannot reproduce) leaves the earlier one as it was
+    before = _tree(tmp_path / "hf")
+    bad = Tokenizer(sp.model_proto)
+    bad.encode = lambda text: [5] + sp.encode(text)
+    with pytest.raises(ValueError, match="encodes"):
+        export_model(first, bad, tmp_path / "hf")
+    assert _tree(tmp_path / "hf") == before
+    # so does one that fails half-written (a full disk), leaving no temporary directory behind
+    import minirlhf.interop.export as export_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export_module, "save_file", disk_full)
+    with pytest.raises(OSError):
+        export_model(first, sp, tmp_path / "hf")
+    assert _tree(tmp_path / "hf") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "empty", "hf"]
+
+
+def test_exported_reward_model_scores_padded_batches_in_transformers(hf_dirs, tmp_path):
+    """An imported ChatML model pads with its end-of-turn token <|im_end|>: the exported
+    classifier's pad_token_id and the exported tokenizer's pad token are one other token, so
+    transformers' last-non-pad-token read lands on <|im_end|> with either padding side, and
+    the documented framing (export.py's docstring, the README) gives our score minus the bias."""
+    d, _, _ = hf_dirs["llama-tied"]
+    model, tok = load_pretrained(d, max_seq_len=64)
+    assert tok.pad_id == tok.eos_id  # the case that went wrong
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.scalar_head.weight.normal_(0, 1.0)
+        model.scalar_head.bias.fill_(0.7)
+    _save(tmp_path / "rm", "rm", model, tok)
+    assert cli(["export", "--ckpt", str(tmp_path / "rm"), "--out", str(tmp_path / "hf")]) == 0
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert rm.config.pad_token_id == hf_tok.pad_token_id != rm.config.eos_token_id == tok.eos_id
+    marker = json.loads((tmp_path / "hf" / "minirlhf_export.json").read_text())
+    assert marker["score_bias"] == pytest.approx(0.7) and marker["head"] == "sequence-classification"
+
+    pairs = [([{"role": "user", "content": "What does the fox eat?"}], "The fox eats berries."),
+             ([{"role": "user", "content": "Where is Lima?"}], "In Peru, 中文 🦊."),
+             ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "Hello there, how are you?")]
+
+    def framed(messages, response):  # as the README writes it
+        prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return (hf_tok(prompt, add_special_tokens=False)["input_ids"]
+                + hf_tok(response, add_special_tokens=False)["input_ids"] + [rm.config.eos_token_id])
+
+    ids = [framed(m, r) for m, r in pairs]
+    assert ids == [tok.frame(m, r)[0] for m, r in pairs]
+    ours = torch.stack([model.scalars(torch.tensor([x]))[0, -1] for x in ids]).detach()
+    assert hf_tok.padding_side == "right"
+    for side in ("right", "left"):
+        hf_tok.padding_side = side
+        batch = hf_tok.pad({"input_ids": ids}, return_tensors="pt")
+        if side == "left":  # positions counted from each sequence's first token, as the README says
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            theirs = rm(**batch).logits[:, 0]
+        assert torch.allclose(theirs, ours - 0.7, atol=1e-5), (side, (theirs - ours + 0.7).abs().max())
+
+
+def test_export_writes_the_imported_models_own_context(hf_dirs, tmp_path):
+    """A model imported with a shorter run context (max_seq_len 32) exports its own
+    max_position_embeddings (128), through a checkpoint's save and load; our own models
+    export their max_seq_len; a sliding window shorter than the context bounds it."""
+    d, _, _ = hf_dirs["llama-tied"]
+    model, tok = load_pretrained(d, max_seq_len=32)
+    _save(tmp_path / "sft", "sft", model, tok)
+    assert checkpoint.load_tokenizer(tmp_path / "sft").context_len == 128
+    assert cli(["export", "--ckpt", str(tmp_path / "sft"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 128
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == 128
+
+    from .conftest import build_hf_model
+    build_hf_model("mistral", tmp_path / "mistral", sliding_window=64)
+    model, tok = load_pretrained(tmp_path / "mistral", max_seq_len=32)
+    out = export_model(model, tok, tmp_path / "mistral-hf")
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 64

@@ -118,3 +118,92 @@ def test_config_mapping_of_each_family(hf_dirs):
         assert cfg.vocab_size == hf_model.config.vocab_size
         for k, v in fields.items():
             assert getattr(cfg, k) == v, (family, k)
+
+
+def _same_logits(d, hf_model, max_seq_len=32):
+    ours, tok = load_pretrained(d, max_seq_len=max_seq_len)
+    tokens, mask = padded_batch(hf_model.config.vocab_size)
+    with torch.no_grad():
+        err = (ours(tokens, mask) - hf_logits(hf_model, tokens, mask))[mask].abs().max().item()
+    assert err <= 1e-5, err
+    return ours, tok
+
+
+def test_hidden_act_swish_is_silu(tmp_path):
+    """transformers' ACT2FN maps "swish" to SiLU: the same model as "silu"."""
+    hf_model, _ = build_hf_model("llama-tied", tmp_path, hidden_act="swish")
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_act"] == "swish"
+    _same_logits(tmp_path, hf_model)
+
+
+def test_tied_config_with_a_different_lm_head_loads_as_transformers_does(tmp_path, capsys):
+    """tie_word_embeddings=true but the file holds its own lm_head.weight: transformers 5 does
+    not tie (PreTrainedModel.tie_weights) and uses the file's head; so do we, with a note.
+    The same head as the embedding stays tied; a file with only lm_head.weight ties the
+    embedding to it."""
+    from safetensors.torch import load_file, save_file
+
+    build_hf_model("llama-tied", tmp_path)
+    st = tmp_path / "model.safetensors"
+    tensors = {k: v.clone() for k, v in load_file(st).items()}
+    assert "lm_head.weight" not in tensors
+    torch.manual_seed(1)
+    save_file({**tensors, "lm_head.weight": torch.randn_like(tensors["model.embed_tokens.weight"])}, st)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf_model.lm_head.weight is not hf_model.model.embed_tokens.weight
+    capsys.readouterr()
+    ours, _ = _same_logits(tmp_path, hf_model)
+    assert not ours.cfg.tie_embeddings
+    assert "tie_word_embeddings=true, but lm_head.weight differs" in capsys.readouterr().err
+
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, st)
+    ours, _ = _same_logits(tmp_path, transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    assert ours.cfg.tie_embeddings
+
+    head_only = {k: v for k, v in tensors.items() if k != "model.embed_tokens.weight"}
+    save_file({**head_only, "lm_head.weight": tensors["model.embed_tokens.weight"] * 2}, st)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours, _ = _same_logits(tmp_path, hf_model)
+    assert ours.cfg.tie_embeddings and torch.equal(ours.embed.weight, tensors["model.embed_tokens.weight"] * 2)
+
+
+@pytest.mark.parametrize("max_window_layers,layer_types,ok", [
+    (2, None, True),                                          # no layer slides (layers i >= 2 would)
+    (1, None, False),                                         # layer 1 slides
+    (0, ["full_attention", "full_attention"], True),          # layer_types decides
+    (2, ["full_attention", "sliding_attention"], False),
+])
+def test_qwen2_sliding_window_only_where_a_layer_slides(tmp_path, capsys, max_window_layers, layer_types, ok):
+    """Qwen2's use_sliding_window applies to the layers transformers makes slide (Qwen2Config:
+    layer_types, else i >= max_window_layers); a window shorter than the context is refused
+    only when some layer slides."""
+    from minirlhf.cli import main as cli
+
+    extra = dict(use_sliding_window=True, sliding_window=16, max_window_layers=max_window_layers)
+    if layer_types:
+        extra["layer_types"] = layer_types
+    hf_model, _ = build_hf_model("qwen2-bias", tmp_path, **extra)
+    capsys.readouterr()
+    if ok:
+        _same_logits(tmp_path, hf_model, max_seq_len=32)  # sequences of 20 > the window of 16
+        return
+    assert cli(["generate", "--init-from", str(tmp_path), "--prompt", "hi", "--max-seq-len", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sliding_window=16: shorter than max_seq_len=32 in layer 1" in err, err
+    load_pretrained(tmp_path, max_seq_len=16)  # within the window: the same model
+
+
+def test_a_directory_without_chat_template_says_so(hf_dirs, tmp_path, capsys):
+    d, *_ = hf_dirs["llama-tied"]
+    shutil.copytree(d, tmp_path / "m")
+    (tmp_path / "m" / "chat_template.jinja").unlink()
+    c = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    c.pop("chat_template", None)
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(c))
+    capsys.readouterr()
+    _, tok = load_pretrained(tmp_path / "m", max_seq_len=32)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[import] note:" in err and "no chat template" in err, err
+    assert tok.render("Hi") == "<|im_start|>User: Hi\nAssistant:"  # our plain format, with the model's bos
+    load_pretrained(d, max_seq_len=32)
+    assert capsys.readouterr().err == "", "no note when the model has its template"
