@@ -68,7 +68,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import tempfile
 import time
 from importlib import metadata

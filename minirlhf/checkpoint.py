@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .model import ModelConfig, Transformer
-from .tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer as _load_tokenizer_dir
+from .tokenizer import Tokenizer, load_tokenizer as _load_tokenizer_dir
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.pt"
 

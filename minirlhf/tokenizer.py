@@ -252,7 +252,7 @@ def token_stream(tokenizer, texts):
     return torch.tensor([t for doc in tokenizer.documents(list(texts)) for t in doc], dtype=torch.long)
 
 
-def random_windows(stream: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator):
+def random_windows(stream, batch: int, seq_len: int, generator):
     """(inputs, targets), each (batch, seq_len) int64: windows of a token stream at random offsets
     drawn from generator, targets shifted by one (pretraining; PPO-ptx)."""
     import torch

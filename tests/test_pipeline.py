@@ -8,7 +8,6 @@ import torch
 
 from minirlhf import checkpoint
 from minirlhf.cli import main
-from minirlhf.cli import apply_overrides
 from minirlhf.config import PRESETS
 from minirlhf.pipeline import load_inputs, run_train
 

@@ -30,7 +30,7 @@ from typing import Callable
 from .. import checkpoint, distributed
 from ..config import RunConfig, to_dict
 from ..metrics import METRICS_FILE
-from ..pipeline import ORDER, PREFERENCES_FILE, STAGE_FIELDS, stage_output, stages_of
+from ..pipeline import STAGE_FIELDS, stage_output, stages_of
 from ..pipeline import stage_keys as pipeline_stage_keys
 
 ARM_FILE, PREFIX_FILE, CONFIG_FILE = "arm.json", "prefix.json", "config.json"

@@ -10,7 +10,6 @@ SentencePiece tokenizer to tokenizer.json). `transformers` is never imported her
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -30,14 +29,9 @@ def load_pretrained(path, max_seq_len: int | None = None, device="cpu"):
 
         return load_gguf(p, max_seq_len, device)
     if p.is_dir() and (p / "config.json").is_file():
-        try:
-            config = json.loads((p / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p / 'config.json'}: line {e.lineno}: {e.msg}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{p / 'config.json'}: not UTF-8 text") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{p / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+        from .files import read_json_object
+
+        config = read_json_object(p / "config.json")
         if "model_type" in config:
             from .hf import load_hf_dir
 

@@ -21,7 +21,6 @@ have more ids than the model's vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..model import ModelConfig, Transformer
+from .files import read_json
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -248,15 +248,6 @@ def _read_config(c: dict, max_seq_len: int | None, where: str) -> tuple[ModelCon
     return cfg, context
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-
-
 def note(message: str) -> None:
     """A one-line note of the importer on stderr (not an error: the import goes on)."""
     print(f"[import] note: {message}", file=sys.stderr)
@@ -264,7 +255,7 @@ def note(message: str) -> None:
 
 def _weight_files(d: Path) -> list[Path]:
     if (d / INDEX_FILE).is_file():
-        index = _read_json(d / INDEX_FILE)
+        index = read_json(d / INDEX_FILE)
         if not isinstance(index, dict):
             raise ValueError(f"{d / INDEX_FILE}: expected a JSON object with weight_map, got {type(index).__name__}")
         weight_map = index.get("weight_map")
@@ -381,7 +372,7 @@ def load_hf_dir(path, max_seq_len: int | None = None, device="cpu"):
     from .hf_tokenizer import HFTokenizer
 
     d = Path(path)
-    cfg, context = _read_config(_read_json(d / "config.json"), max_seq_len, where=str(d / "config.json"))
+    cfg, context = _read_config(read_json(d / "config.json"), max_seq_len, where=str(d / "config.json"))
     files = _weight_files(d)
     if not (d / "tokenizer.json").is_file():
         raise ValueError(f"{d}: no tokenizer.json (a fast tokenizer is needed)")

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 
 from ..tokenizer import HF_TOKENIZER_FILE, ChatTokenizer, Prompt, as_messages
 from .chat_template import PLAIN_TEMPLATE, compile_template, render
+from .files import read_json_object
 
 CONFIG_FILE, TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -152,14 +153,7 @@ class HFTokenizer(ChatTokenizer):
         config, where = {}, None
         for name in (CONFIG_FILE, "special_tokens_map.json"):
             if (d / name).is_file():
-                try:
-                    read = json.loads((d / name).read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{d / name}: line {e.lineno}: {e.msg}") from None
-                except UnicodeDecodeError:
-                    raise ValueError(f"{d / name}: not UTF-8 text") from None
-                if not isinstance(read, dict):
-                    raise ValueError(f"{d / name}: expected a JSON object, got {type(read).__name__}")
+                read = read_json_object(d / name)
                 config = {**read, **config}
                 where = where or str(d / name)
         if where is None:
