@@ -344,9 +344,9 @@ def main(argv=None) -> int:
     except MemoryError as e:
         distributed.report_failure(f"error: out of memory ({e}); lower the model, batch or sequence sizes")
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished stages are kept; rerun with --resume to continue the current one",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say how it continues (experiment: a plain rerun)
+        hint = str(e) or "finished stages are kept; rerun with --resume to continue the current one"
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
         if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()):

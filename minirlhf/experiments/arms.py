@@ -163,22 +163,31 @@ def _first_difference(a: dict, b: dict, where: str = "") -> str:
     return ""
 
 
+def _options(opts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in opts.items()) or "no recorded options"
+
+
 def _clock(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def run_arms(name: str, arms: list[Arm], exp_dir: Path, pool: Path,
-             run: Callable[[Arm, Path], None], measure: Callable[[Arm, Path], dict]) -> list[dict]:
+             run: Callable[[Arm, Path], None], measure: Callable[[Arm, Path], dict],
+             measured_with: dict | None = None) -> list[dict]:
     """Run the arms in sequence; returns one record per arm: {"variant", "seed", "params",
-    "dir" (relative to exp_dir), "numbers", "wall_s", "reused"}.
+    "dir" (relative to exp_dir), "numbers", "measured_with", "processes", "wall_s", "reused"}.
 
     run(arm, arm_dir) trains the arm (stages already finished are kept), measure(arm, arm_dir)
-    returns its numbers; both are skipped for a finished arm (arm.json). wall_s is the time
-    the arm took when it ran (stages linked from other arms cost it nothing).
+    returns its numbers; both are skipped for a finished arm (arm.json) measured with the same
+    measured_with (the experiment-level options its numbers depend on, e.g. best-of-n's n_max).
+    A finished arm measured with others is measured again, its training kept. wall_s is the
+    time the arm took when it ran (stages linked from other arms cost it nothing; a measurement
+    again adds its time); processes: torchrun's world size when it ran (None: not recorded).
 
     Under torchrun: run and measure on every rank (they are collective); the arm's files read
     and written by rank 0 only, and every rank returns rank 0's records."""
+    measured_with = measured_with or {}
     records, spent, ran = [], 0.0, 0
     t_start = time.time()
     for i, arm in enumerate(arms):
@@ -186,9 +195,18 @@ def run_arms(name: str, arms: list[Arm], exp_dir: Path, pool: Path,
         head = f"[experiment {name}] arm {i + 1}/{len(arms)} {arm.variant}, seed {arm.seed}"
         done = arm_dir / ARM_FILE
         rec = distributed.on_main(_open_arm, arm, arm_dir)
-        if rec is not None:
+        if rec is not None and rec.get("measured_with", {}) == measured_with:
             print(f"{head}: finished earlier, reused ({arm_dir})")
-            records.append({**rec, "reused": True})
+            records.append({"processes": None, **rec, "reused": True})
+            continue
+        if rec is not None:  # trained, but its numbers answer other options: measure it again
+            print(f"{head}: finished earlier, measured with {_options(rec.get('measured_with', {}))}; measuring it "
+                  f"again with {_options(measured_with)} (its training is kept)")
+            t0 = time.time()
+            numbers = measure(arm, arm_dir)
+            rec = {"processes": None, **rec, "numbers": numbers, "measured_with": measured_with,
+                   "wall_s": round(rec["wall_s"] + time.time() - t0, 1)}
+            records.append({**distributed.on_main(_close_arm, done, rec), "reused": True})
             continue
         if distributed.is_main():  # the ETA, as only rank 0 prints it
             left = sum(1 for a in arms[i:] if not (exp_dir / "arms" / a.dirname / ARM_FILE).exists())
@@ -200,7 +218,7 @@ def run_arms(name: str, arms: list[Arm], exp_dir: Path, pool: Path,
         numbers = measure(arm, arm_dir)
         wall = round(time.time() - t0, 1)
         rec = {"variant": arm.variant, "seed": arm.seed, "params": arm.params, "dir": str(arm_dir.relative_to(exp_dir)),
-               "numbers": numbers, "wall_s": wall}
+               "numbers": numbers, "measured_with": measured_with, "processes": distributed.size(), "wall_s": wall}
         rec = distributed.on_main(_close_arm, done, rec)
         spent, ran = spent + rec["wall_s"], ran + 1
         print(f"{head}: done in {_clock(rec['wall_s'])}")

@@ -57,8 +57,9 @@ def curve(rm_scores: list[list[float]], golds: list[list[float]], ns: list[int])
 
 def run_best_of_n(cfg, run_dir, *, prompts: list, gold_score, n_max: int) -> dict:
     """Best-of-n of run_dir's SFT policy (the base with --skip-sft) against its RM; writes and
-    returns run_dir/best_of_n.json ({"ns", "curve", "prompts", "n_max"}). A finished result is
-    read back, not recomputed.
+    returns run_dir/best_of_n.json ({"ns", "curve", "prompts", "n_max"}). A finished result of the
+    same n_max is read back, not recomputed; one of another n_max is replaced (a new pool of
+    n_max samples per prompt: the pools themselves are not kept).
 
     prompts: held-out prompts the gold function knows; gold_score(prompt, response) -> float.
     The pool is sampled at eval.temperature (1 where evaluation is greedy: best-of-n needs
@@ -67,8 +68,10 @@ def run_best_of_n(cfg, run_dir, *, prompts: list, gold_score, n_max: int) -> dic
     run_dir = Path(run_dir)
     out = run_dir / RESULT_FILE
     finished = distributed.on_main(lambda: json.loads(out.read_text()) if out.exists() else None)
-    if finished is not None:
+    if finished is not None and finished.get("n_max") == n_max:
         return finished
+    if finished is not None:
+        print(f"[best-of-n] {out} holds n up to {finished.get('n_max')}; sampling pools of {n_max} anew")
     device = resolve_device(cfg.device)
     policy_dir = run_dir / ("pretrain" if cfg.skip_sft else "sft")
     tokenizer = checkpoint.load_tokenizer(policy_dir)

@@ -6,9 +6,11 @@ import time
 from pathlib import Path
 
 from .. import config as C
-from .runner import ALL_ORDER, experiment_config, run_experiment
+from .runner import ALL_ORDER, check_embedded_task, check_options, experiment_config, run_experiment
 
-SMOKE_SEEDS, SEEDS, SMOKE_N_MAX, N_MAX = 1, 3, 8, 64
+SMOKE_SEEDS, SEEDS, SMOKE_N_MAX, N_MAX, ROUNDS = 1, 3, 8, 64, 2
+# the experiment-level options and the one experiment that reads each
+OWN_OPTIONS = {"rounds": ("--rounds", "iterate"), "n_max": ("--n-max", "best-of-n")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "the experiments under it share finished stages")
     p.add_argument("--seeds", type=bounded(int, ge=1), default=None,
                    help=f"seeds per arm: --seed, --seed + 1, ... (default {SEEDS}; {SMOKE_SEEDS} with --smoke)")
-    p.add_argument("--rounds", type=bounded(int, ge=2), default=2, help="iterate: rounds of rankings + RM + PPO")
+    p.add_argument("--rounds", type=bounded(int, ge=2), default=None,
+                   help=f"iterate: rounds of rankings + RM + PPO (default {ROUNDS})")
     p.add_argument("--n-max", type=bounded(int, ge=2), default=None,
                    help=f"best-of-n: the largest n (default {N_MAX}; {SMOKE_N_MAX} with --smoke)")
     p.add_argument("--smoke", action="store_true", help="test sizes: the tiny preset, 6 PPO iterations, one seed, "
@@ -39,23 +42,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """Run the experiment(s); under torchrun every arm's stages are spread over the processes
-    (as `train` spreads them) and the experiment's files are written once, by rank 0."""
+    (as `train` spreads them) and the experiment's files are written once, by rank 0.
+
+    ValueError (one line, exit 2, before any compute): an option an experiment sets in its
+    arms (runner.check_options), --rounds / --n-max for an experiment that has none, an empty
+    --out or one that cannot be a directory."""
     from .. import distributed
-    from ..cli import apply_overrides
+    from ..cli import apply_overrides, make_dir
     from ..device import resolve_device
 
     preset = args.preset or ("tiny" if args.smoke else "quick")
-    cfg = experiment_config(C.PRESETS[preset](), args.smoke)
-    cfg = apply_overrides(cfg, {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")})
+    names = ALL_ORDER if args.name == "all" else (args.name,)
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    for dest, (flag, owner) in OWN_OPTIONS.items():
+        if getattr(args, dest) is not None and owner not in names:
+            raise ValueError(f"{flag}: only the {owner} experiment has it, not {args.name}; drop the option")
+    cfg = apply_overrides(C.PRESETS[preset](), given)
+    check_embedded_task(cfg)
+    check_options(names, given)
+    cfg = experiment_config(cfg, args.smoke, given)
+    default = f"runs/experiments-{preset}{'-smoke' if args.smoke else ''}"
+    if args.out is not None and not args.out.strip():
+        raise ValueError(f"--out: an empty path; leave the option out for the default {default}")
+    out = Path(args.out or default)
+    for d in (out, *(out / n for n in names)):
+        make_dir(d, "--out")
     distributed.init(cfg.model, resolve_device(cfg.device),  # several processes under torchrun; else nothing
                      distributed.Options(args.dist_strategy, args.dist_timeout, args.dist_threads))
-    out = Path(args.out or f"runs/experiments-{preset}{'-smoke' if args.smoke else ''}")
     seeds = args.seeds or (SMOKE_SEEDS if args.smoke else SEEDS)
     n_max = args.n_max or (SMOKE_N_MAX if args.smoke else N_MAX)
-    names = ALL_ORDER if args.name == "all" else (args.name,)
     t0 = time.time()
-    docs = [run_experiment(n, cfg, out, seeds=seeds, rounds=args.rounds, n_max=n_max, preset=preset,
-                           smoke=args.smoke) for n in names]
+    try:
+        docs = [run_experiment(n, cfg, out, seeds=seeds, rounds=args.rounds or ROUNDS, n_max=n_max, preset=preset,
+                               smoke=args.smoke) for n in names]
+    except KeyboardInterrupt:  # cli.main prints it: an experiment resumes on a plain rerun, no --resume
+        raise KeyboardInterrupt("finished arms and stages are kept; run the same command again to continue "
+                                "(the unfinished arm resumes)") from None
     if len(docs) > 1:
         print(f"[experiment all] {time.time() - t0:.0f}s this run; the arms of all five took "
               f"{sum(d['wall_s'] for d in docs) / 60:.1f} min -> {out}")

@@ -7,7 +7,7 @@ experiments compose the pipeline's stages and add no training code of their own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,13 +41,24 @@ class Options:
 class Experiment:
     """name; questions: the README's questions it answers; arms(cfg, opts); run(arm, arm_dir, opts);
     measure(arm, arm_dir, opts) -> numbers; report(records, opts) -> (markdown lines, numbers for
-    the JSON, plot panels by file name)."""
+    the JSON, plot panels by file name).
+
+    sets: the configuration fields its arms set themselves ("section.field" or a top-level field),
+    each with what they set it to: a user option for one of them would be dropped or overridden,
+    so it is refused (runner.check_options). derives: the fields some arms set from the user's
+    value of that field (kept as given where an arm does not change it), each with how.
+    measured_with(opts): the experiment-level options an
+    arm's numbers depend on beyond its configuration; a finished arm measured with others is
+    measured again (its training is kept)."""
     name: str
     questions: tuple[str, ...]
     arms: Callable
     run: Callable
     measure: Callable
     report: Callable
+    sets: dict = field(default_factory=dict)
+    derives: dict = field(default_factory=dict)
+    measured_with: Callable = lambda opts: {}
 
 
 def _train(arm: Arm, arm_dir: Path, opts: Options) -> None:
@@ -222,8 +233,10 @@ def _kl_sweep_arms(cfg: RunConfig, opts: Options) -> list[Arm]:
 
 
 def _kl_sweep_measure(arm: Arm, arm_dir: Path, opts: Options) -> dict:
+    """run_numbers, and for a β = 0 arm (every seed: an arm's numbers depend on the arm alone, not
+    on which seeds this invocation runs) the responses its RM scores highest."""
     numbers = run_numbers(arm_dir)
-    if arm.params["beta"] == 0 and arm.seed == opts.seeds[0]:
+    if arm.params["beta"] == 0:
         numbers["exploit_samples"] = top_scored_samples(arm.cfg, arm_dir, task_of(arm.cfg.task).eval_prompts,
                                                         EXPLOIT_SAMPLES)
     return numbers
@@ -239,10 +252,11 @@ def _kl_sweep_report(records: list[dict], opts: Options):
              "controller (* = beyond 2 SE).", ""]
     lines += table(["arm", "final gold", "RM score", "KL to SFT (nats)", "response length", "Δ gold vs adaptive",
                     "monitor warnings"], rows)
-    samples = [s for r in records for s in r["numbers"].get("exploit_samples", [])]
+    shown = next((r for r in records if r["numbers"].get("exploit_samples")), None)  # the first seed's
+    samples = shown["numbers"]["exploit_samples"] if shown else []
     if samples:
-        lines += ["", "What the β = 0 policy learned to exploit: its responses the RM scores highest (first seed, "
-                  "one sample per held-out prompt):", ""]
+        lines += ["", f"What the β = 0 policy learned to exploit: its responses the RM scores highest (seed "
+                  f"{shown['seed']}, one sample per held-out prompt):", ""]
         lines += table(["prompt", "response", "RM", "gold"],
                        [[s["prompt"], s["response"].replace("|", "/").replace("\n", " "), f"{s['rm']:.2f}",
                          f"{s['gold']:.2f}"] for s in samples])
@@ -419,15 +433,24 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("sft-ablation", (
         "Why not go straight from the base model to RM + PPO? What happens to the rankings (how informative are "
         "comparisons between bad samples?) and to PPO's stability?",
-        "SFT is costly and can cause forgetting: does a light SFT (a few hundred demonstrations) do nearly as well? "
-        "If the base is already partly aligned, is SFT needed at all?"),
-        _sft_ablation_arms, _train, _sft_ablation_measure, _sft_ablation_report),
+        f"SFT is costly and can cause forgetting: does a light SFT ({LIGHT_SFT_FRACTION:.0%} of the demonstrations) "
+        f"do nearly as well? If the base is already partly aligned, is SFT needed at all?"),
+        _sft_ablation_arms, _train, _sft_ablation_measure, _sft_ablation_report,
+        sets={"skip_sft": "on in the no-SFT arms, off in the others",
+              "task.base_alignment": f"{ALIGNMENT_LOW:g} and {ALIGNMENT_HIGH:g}",
+              "sft.samples": f"every demonstration in full SFT, {LIGHT_SFT_FRACTION:.0%} of them in light SFT"},
+        derives={"sft.epochs": "light SFT takes as many steps as full SFT's sft.epochs give"}),
     Experiment("kl-sweep", ("What does the KL penalty buy? Without it, does the policy hack the reward model?",),
-               _kl_sweep_arms, _train, _kl_sweep_measure, _kl_sweep_report),
+               _kl_sweep_arms, _train, _kl_sweep_measure, _kl_sweep_report,
+               sets={"ppo.adaptive_kl": "off in the fixed-β arms, on in the adaptive one"},
+               derives={"ppo.kl_coef": "β = ppo.kl_coef: fixed 0, β/10, β, 5β; the adaptive arm starts at β"}),
     Experiment("ptx", ("Does mixing pretraining gradients into PPO (PPO-ptx, InstructGPT eq. 2) reduce forgetting, "
-                       "and at what cost in reward?",), _ptx_arms, _train, _measure, _ptx_report),
+                       "and at what cost in reward?",), _ptx_arms, _train, _measure, _ptx_report,
+               sets={"ppo.ptx_coef": f"γ = 0, {PTX_SMALL:g}, {PTX_LARGE:g}"}),
     Experiment("iterate", ("Does another round — new comparisons sampled from the PPO policy, RM retrained on old + "
-                           "new, PPO again — help?",), _iterate_arms, _iterate_run, _iterate_measure, _iterate_report),
+                           "new, PPO again — help?",), _iterate_arms, _iterate_run, _iterate_measure, _iterate_report,
+               sets={"data.preferences": "round r's RM trains on the comparisons of rounds 1..r"}),
     Experiment("best-of-n", ("How does RL compare with the cheap baseline, best-of-n against the RM, at the same KL?",),
-               _best_of_n_arms, _train, _best_of_n_measure, _best_of_n_report),
+               _best_of_n_arms, _train, _best_of_n_measure, _best_of_n_report,
+               measured_with=lambda opts: {"n_max": opts.n_max}),
 )}

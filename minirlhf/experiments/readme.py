@@ -14,8 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import make_dir
 from . import plots
 from .definitions import EXPERIMENTS, Options, best_of_n_stats, by_variant, final_point, gold_trajectory
+from .runner import arm_processes, link, processes_text
 
 SECTIONS = [  # (experiment, heading, the question it answers, what to read the answer from)
     ("sft-ablation", "1. Skipping SFT", 0,
@@ -64,32 +66,69 @@ def overoptimisation_figure(docs: dict, path: Path) -> Path | None:
                                            "√KL to SFT (nats^½)", "gold (held-out)", series)])
 
 
+def _machine(doc: dict) -> str:
+    m = doc["machine"]
+    return (f"{doc['device']} ({m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} "
+            f"threads per process)")
+
+
+def _setting(doc: dict) -> str:
+    return f"preset `{doc['preset']}`{', --smoke sizes' if doc['smoke'] else ''}, seeds {_seeds(doc)}"
+
+
+def _seeds(doc: dict) -> str:
+    return ", ".join(map(str, doc["seeds"]))
+
+
+def _procs(doc: dict) -> str:
+    return " / ".join(map(str, arm_processes(doc))) or "?"
+
+
+def header(docs: dict[str, dict], out: Path) -> list[str]:
+    """The section's opening: what was run (each experiment present, its preset, seeds and the
+    process counts its arms ran under, stated once when they are the same for all), where, and
+    how long (the same rounding as the table)."""
+    total = sum(d["wall_s"] for d in docs.values())
+    runs = ["all"] if set(docs) == set(EXPERIMENTS) else list(docs)
+    command = " and ".join(f"`python -m minirlhf experiment {n}`" for n in runs)
+    first = next(iter(docs.values()))
+    machines = {_machine(d) for d in docs.values()}
+    if len({(_setting(d), _procs(d)) for d in docs.values()}) == 1:
+        what = f"Measured with {command} ({_setting(first)}{processes_text(arm_processes(first))})"
+    else:
+        what = (f"Measured with {command}, in settings that differ between the experiments (preset, seeds and the "
+                f"processes each arm ran under: the table below)")
+    where = (f" on {next(iter(machines))}." if len(machines) == 1 else
+             " on " + "; ".join(f"`{n}` on {_machine(d)}" for n, d in docs.items()) + ".")
+    lines = ["## What the experiments show", "",
+             f"{what}{where} The arms of the {len(docs)} experiment{'s' if len(docs) > 1 else ''} ran for "
+             f"{total / 60:.1f} min in all (stages shared between arms ran once). ± is the standard error across "
+             f"seeds; * marks a difference beyond 2 SE — a difference without * is not significant across seeds. "
+             f"Every number comes from `{out}/*/experiment.json`; each experiment's own report is "
+             f"`{out}/NAME/experiment.md`.", ""]
+    lines += ["| experiment | preset | seeds | processes | arms | arm time (min) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {n} | {d['preset']}{' (smoke)' if d['smoke'] else ''} | {_seeds(d)} | {_procs(d)} | {len(d['arms'])} "
+              f"| {d['wall_s'] / 60:.1f} |" for n, d in docs.items()]
+    if len(docs) > 1:
+        lines.append(f"| all | | | | {sum(len(d['arms']) for d in docs.values())} | {total / 60:.1f} |")
+    return lines
+
+
 def render(out: Path, images: Path | None = None, image_prefix: str | None = None) -> str:
     """The section's markdown. images: a directory to draw the plots into (linked as
-    image_prefix/<file>, default the images path itself); None: no plots."""
+    image_prefix/<file>, default the images path itself; percent-encoded); None: no plots.
+    ValueError: no experiment.json under out, or images cannot be a directory."""
+    if not out.is_dir():
+        raise ValueError(f"{out}: no such directory (the --out of `python -m minirlhf experiment`)")
     docs = load(out)
     if not docs:
         raise ValueError(f"{out}: no experiment.json under it; run `python -m minirlhf experiment all` first")
     prefix = image_prefix or (str(images) if images else "")
-    any_doc = next(iter(docs.values()))
-    m = any_doc["machine"]
-    seeds = sorted({s for d in docs.values() for s in d["seeds"]})
-    total = sum(d["wall_s"] for d in docs.values())
-    lines = ["## What the experiments show", "",
-             f"Measured with `python -m minirlhf experiment all` (preset `{any_doc['preset']}`"
-             f"{', --smoke sizes' if any_doc['smoke'] else ''}, seeds {', '.join(map(str, seeds))}) on "
-             f"{any_doc['device']} ({m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} "
-             f"threads). The arms of the {len(docs)} experiments ran for {total / 60:.0f} min in all (stages shared "
-             f"between arms ran once). ± is the standard error across seeds; * marks a difference beyond 2 SE — a "
-             f"difference without * is not significant across seeds. Every number comes from "
-             f"`{out}/*/experiment.json`; each experiment's own report is `{out}/NAME/experiment.md`.", ""]
-    lines += ["| experiment | arms | arm time (min) |", "| --- | --- | --- |"]
-    lines += [f"| {n} | {len(d['arms'])} | {d['wall_s'] / 60:.1f} |" for n, d in docs.items()]
-    lines.append(f"| all | {sum(len(d['arms']) for d in docs.values())} | {total / 60:.1f} |")
+    lines = header(docs, out)
     shown: set[str] = set()
     overopt = None
     if images:
-        images.mkdir(parents=True, exist_ok=True)
+        make_dir(images, "--images")
         overopt = overoptimisation_figure(docs, images / "overoptimisation.png")
     for name, heading, qi, hint in SECTIONS:
         if name not in docs:
@@ -105,20 +144,26 @@ def render(out: Path, images: Path | None = None, image_prefix: str | None = Non
             if images:
                 for fname, p in panels.items():
                     plots.figure(images / fname, p, title=name)
-                    lines += ["", f"![{name}]({prefix}/{fname})"]
+                    lines += ["", f"![{name}]({link(f'{prefix}/{fname}')})"]
                 if overopt and name in ("kl-sweep", "best-of-n"):
-                    lines += ["", f"![gold against √KL: PPO and best-of-n]({prefix}/{overopt.name})"]
+                    lines += ["", f"![gold against √KL: PPO and best-of-n]({link(f'{prefix}/{overopt.name}')})"]
         lines += ["", f"**Answer.** _(to be written from the measured numbers: {hint}.)_"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minirlhf.experiments.readme", description=__doc__.split("\n\n")[0])
+    from ..cli import _Parser
+
+    p = _Parser(prog="python -m minirlhf.experiments.readme", description=__doc__.split("\n\n")[0],
+                allow_abbrev=False)
     p.add_argument("out", help="the experiments' directory (the --out of `python -m minirlhf experiment`)")
     p.add_argument("--images", default=None, help="directory to draw the plots into (e.g. docs/experiments)")
     p.add_argument("--image-prefix", default=None, help="how the README links that directory (default: --images)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
+        for option, value in (("OUT", args.out), ("--images", args.images), ("--image-prefix", args.image_prefix)):
+            if value is not None and not value.strip():
+                raise ValueError(f"{option}: an empty path" + ("" if option == "OUT" else "; leave the option out"))
         sys.stdout.write(render(Path(args.out), Path(args.images) if args.images else None, args.image_prefix))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -128,4 +173,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -10,6 +10,7 @@ import platform
 import time
 from dataclasses import fields
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 
@@ -24,12 +25,32 @@ from .definitions import EXPERIMENTS, Options, by_variant, scalar_stats
 ALL_ORDER = ("kl-sweep", "ptx", "best-of-n", "iterate", "sft-ablation")
 
 
-def experiment_config(cfg: RunConfig, smoke: bool) -> RunConfig:
-    """The experiments' common starting point: a preset with 8 gold evaluations per PPO run (the
-    curves); --smoke: a few PPO iterations, gold every 2, monitor windows of 2 (seconds per arm)."""
-    if smoke:
-        return replace(cfg, ppo={"iterations": 6, "eval_every": 2, "monitor_window": 2})
-    return replace(cfg, ppo={"eval_every": max(1, cfg.ppo.iterations // 8)})
+def experiment_config(cfg: RunConfig, smoke: bool, given=()) -> RunConfig:
+    """The experiments' common starting point, from cfg (a preset with the user's options applied):
+    8 gold evaluations per PPO run (the curves); --smoke: 6 PPO iterations, gold every 2, monitor
+    windows of 2 (seconds per arm). given: the "section.field" options the user set; each is
+    kept as given (the evaluations spread over the PPO iterations given)."""
+    ppo = {"iterations": 6, "eval_every": 2, "monitor_window": 2} if smoke else {}
+    iterations = cfg.ppo.iterations if "ppo.iterations" in given else ppo.get("iterations", cfg.ppo.iterations)
+    ppo.setdefault("eval_every", max(1, iterations // 8))
+    return replace(cfg, ppo={k: v for k, v in ppo.items() if f"ppo.{k}" not in given})
+
+
+def option_flag(name: str) -> str:
+    """The command-line option of a configuration field: --ppo.kl_coef, --skip-sft."""
+    return f"--{name}" if "." in name else "--" + name.replace("_", "-")
+
+
+def check_options(names, given) -> None:
+    """ValueError (one line, before any compute) for a user option that one of the experiments
+    `names` sets in its arms (Experiment.sets): it would be dropped or overridden silently.
+    given: the configuration fields the user set ("ppo.ptx_coef", "skip_sft", ...)."""
+    for name in names:
+        for f, what in EXPERIMENTS[name].sets.items():
+            if f in given:
+                also = "; run the other experiments by name to set it for them" if len(names) > 1 else ""
+                raise ValueError(f"{option_flag(f)}: the {name} experiment sets {f} in its arms ({what}); "
+                                 f"drop the option{also}")
 
 
 def check_embedded_task(cfg: RunConfig) -> None:
@@ -41,10 +62,30 @@ def check_embedded_task(cfg: RunConfig) -> None:
 
 
 def machine() -> dict:
-    """What ran the arms; processes: torchrun's world size (1 without it), torch_threads: per process."""
+    """The machine of this invocation (the one that writes the report); torch_threads: per process.
+    How many processes ran each arm is the arm's own record (run_arms), as arms of one experiment
+    may have run in several invocations."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "processes": distributed.size()}
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def arm_processes(doc: dict) -> list[int]:
+    """The distinct process counts (torchrun's world size, 1 without it) the arms of an
+    experiment.json ran under, sorted; an older document's single machine.processes."""
+    known = sorted({a["processes"] for a in doc["arms"] if a.get("processes") is not None})
+    return known or ([doc["machine"]["processes"]] if "processes" in doc.get("machine", {}) else [])
+
+
+def processes_text(procs: list[int]) -> str:
+    """', 2 processes under torchrun' (nothing for one process; each count when they differ)."""
+    if len(procs) > 1:
+        return f", arms under {' / '.join(map(str, procs))} processes (torchrun; each arm's in its record)"
+    return f", {procs[0]} processes under torchrun" if procs and procs[0] > 1 else ""
+
+
+def link(target: str) -> str:
+    """A Markdown link destination for a path: percent-encoded (spaces, parentheses, ...), '/' kept."""
+    return quote(target, safe="/")
 
 
 def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64,
@@ -64,7 +105,7 @@ def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: i
     arms = exp.arms(cfg, opts)
     t0 = time.time()
     records = run_arms(name, arms, exp_dir, out_root, run=lambda a, d: exp.run(a, d, opts),
-                       measure=lambda a, d: exp.measure(a, d, opts))
+                       measure=lambda a, d: exp.measure(a, d, opts), measured_with=exp.measured_with(opts))
     doc = distributed.on_main(_write_report, exp, records, opts, exp_dir, cfg, preset=preset, smoke=smoke,
                               started=t0)
     print(f"[experiment {name}] done: {exp_dir / 'experiment.md'}")
@@ -82,7 +123,7 @@ def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: R
         "experiment": name, "questions": list(exp.questions), "preset": preset, "smoke": smoke,
         "seeds": list(opts.seeds), **({"rounds": rounds} if name == "iterate" else {}),
         **({"n_max": n_max} if name == "best-of-n" else {}),
-        "device": str(resolve_device(cfg.device)), "machine": machine(),
+        "device": str(resolve_device(cfg.device)), "machine": machine(), "processes": arm_processes({"arms": records}),
         "wall_s": round(sum(r["wall_s"] for r in records), 1), "wall_s_this_run": round(time.time() - started, 1),
         "plots": images, "arms": records,
         "aggregate": {v: {"params": recs[0]["params"], **scalar_stats(recs)} for v, recs in by_variant(records).items()},
@@ -92,16 +133,13 @@ def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: R
     md = [f"# Experiment `{name}`", ""] + [f"> {q}" for q in exp.questions] + [
         "", f"Preset `{preset}`{' (--smoke sizes)' if smoke else ''}, seeds {', '.join(map(str, opts.seeds))}, "
         f"device {doc['device']} ({doc['machine']['processor']}, {doc['machine']['cpu_count']} cores, torch "
-        f"{doc['machine']['torch']}{_processes(doc['machine'])}). Arms ran for {doc['wall_s'] / 60:.1f} min in all "
-        f"(stages shared with other arms were linked, not rerun). Every number is also in experiment.json.", ""]
-    md += lines + [""] + [f"![{i}]({i})" for i in images] + ["", "## Arms", ""]
-    md += ["| arm | seed | run directory | wall time (s) |", "| --- | --- | --- | --- |"]
-    md += [f"| {r['variant']} | {r['seed']} | [{r['dir']}]({r['dir']}/report.md) | {r['wall_s']} |" for r in records]
+        f"{doc['machine']['torch']}{processes_text(doc['processes'])}). Arms ran for {doc['wall_s'] / 60:.1f} min "
+        f"in all (stages shared with other arms were linked, not rerun). Every number is also in experiment.json.", ""]
+    md += lines + [""] + [f"![{i}]({link(i)})" for i in images] + ["", "## Arms", ""]
+    md += ["| arm | seed | run directory | processes | wall time (s) |", "| --- | --- | --- | --- | --- |"]
+    md += [f"| {r['variant']} | {r['seed']} | [{r['dir']}]({link(r['dir'] + '/report.md')}) | "
+           f"{r.get('processes') or '?'} | {r['wall_s']} |" for r in records]
     tmp = exp_dir / "experiment.md.tmp"
     tmp.write_text("\n".join(md) + "\n")
     tmp.replace(exp_dir / "experiment.md")
     return doc
-
-
-def _processes(m: dict) -> str:
-    return f", {m['processes']} processes under torchrun" if m.get("processes", 1) > 1 else ""

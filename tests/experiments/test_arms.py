@@ -112,3 +112,40 @@ def test_finished_arms_are_reused_and_the_rest_run_in_order(tmp_path, capsys):
     assert [r["numbers"]["x"] for r in recs] == [0.0, 1.5, 3.0] and recs[1]["dir"] == "arms/v1-s0"
     out = capsys.readouterr().out
     assert "arm 1/3 v0, seed 0: finished earlier, reused" in out and "arm 3/3 v2, seed 0: running" in out
+
+
+def test_a_finished_arm_measured_with_other_options_is_measured_again_not_retrained(tmp_path, capsys):
+    """best-of-n's --n-max changes what the arm measures, not its configuration: a finished arm
+    measured with another n_max is measured again (its training kept), one with the same is reused."""
+    arm = Arm("recipe", 0, TINY)
+    exp, calls = tmp_path / "e", []
+
+    def run(a, d):
+        calls.append("run")
+
+    def measure(a, d):
+        calls.append("measure")
+        return {"n": len(calls)}
+    first = run_arms("e", [arm], exp, tmp_path, run, measure, {"n_max": 8})
+    assert calls == ["run", "measure"] and first[0]["measured_with"] == {"n_max": 8}
+    assert first[0]["processes"] == 1  # one process: no torchrun
+    again = run_arms("e", [arm], exp, tmp_path, run, measure, {"n_max": 16})
+    assert calls == ["run", "measure", "measure"]
+    assert again[0]["numbers"] == {"n": 3} and again[0]["measured_with"] == {"n_max": 16} and again[0]["reused"]
+    assert again[0]["wall_s"] >= first[0]["wall_s"] and again[0]["processes"] == 1
+    on_disk = json.loads((exp / "arms" / "recipe-s0" / ARM_FILE).read_text())
+    assert on_disk["numbers"] == {"n": 3} and on_disk["measured_with"] == {"n_max": 16}
+    assert "measured with n_max 8; measuring it again with n_max 16" in capsys.readouterr().out
+    assert run_arms("e", [arm], exp, tmp_path, run, measure, {"n_max": 16})[0]["numbers"] == {"n": 3}
+    assert len(calls) == 3
+
+
+def test_an_arm_json_of_before_measured_with_is_reused_where_nothing_is_measured_otherwise(tmp_path):
+    arm = Arm("v", 0, TINY)
+    d = tmp_path / "e" / "arms" / "v-s0"
+    prepare_arm_dir(arm, d)
+    (d / ARM_FILE).write_text(json.dumps({"variant": "v", "seed": 0, "params": {}, "dir": "arms/v-s0",
+                                          "numbers": {"x": 1}, "wall_s": 3.0}))
+    never = lambda a, d: pytest.fail("a finished arm was run or measured again")  # noqa: E731
+    rec = run_arms("e", [arm], tmp_path / "e", tmp_path, never, never)[0]
+    assert rec["numbers"] == {"x": 1} and rec["processes"] is None and rec["reused"]

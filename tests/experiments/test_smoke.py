@@ -5,8 +5,11 @@ one-line errors."""
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -118,6 +121,24 @@ def test_best_of_n(root, best_of_n):
     assert on_disk["curve"] == curve
 
 
+def test_another_n_max_measures_the_finished_arm_again(root, best_of_n, tmp_path, capsys):
+    """--n-max 16 on a directory measured with 8: the pool is sampled anew at 16 (the arm's training
+    kept), and experiment.md, experiment.json and best_of_n.json all say 16."""
+    shutil.copytree(root / "best-of-n", tmp_path / "best-of-n")
+    capsys.readouterr()
+    doc = run(tmp_path, "best-of-n", "--n-max", "16")
+    out = capsys.readouterr().out
+    assert "measuring it again with n_max 16" in out and "running" not in out and "[ppo]" not in out
+    curve = doc["arms"][0]["numbers"]["best_of_n"]
+    assert doc["n_max"] == 16 and [p["n"] for p in curve] == [1, 2, 4, 8, 16]
+    assert [p["kl"] for p in curve] == [best_of_n_kl(n) for n in (1, 2, 4, 8, 16)]
+    arm = tmp_path / "best-of-n" / "arms" / "recipe-s0"
+    assert json.loads((arm / "best_of_n.json").read_text())["n_max"] == 16
+    assert json.loads((arm / "arm.json").read_text())["measured_with"] == {"n_max": 16}
+    assert "pool of 16 samples per prompt" in (tmp_path / "best-of-n" / "experiment.md").read_text()
+    assert [p["n"] for p in doc["best_of_n"]] == [1, 2, 4, 8, 16]
+
+
 def test_iterate(root, iterate):
     check_outputs(root, iterate, ["round1", "round2"])
     r1, r2 = (root / "iterate" / a["dir"] for a in iterate["arms"])
@@ -200,12 +221,15 @@ def test_readme_section_renders_from_the_json(root, sft_ablation, tmp_path):
 
     md = render(root, tmp_path / "img", "docs/experiments")
     assert md.startswith("## What the experiments show")
+    assert "Measured with `python -m minirlhf experiment all` (preset `tiny`, --smoke sizes, seeds 0)" in md
     for heading in ("### 1. Skipping SFT", "### 3. What the KL penalty buys", "### 4. PPO-ptx and forgetting",
                     "### 5. Another round", "### Best-of-n"):
         assert heading in md
     docs = {n: json.loads((root / n / "experiment.json").read_text()) for n in
             ("sft-ablation", "kl-sweep", "ptx", "iterate", "best-of-n")}
-    assert f"| all | 17 | {sum(d['wall_s'] for d in docs.values()) / 60:.1f} |" in md
+    total = sum(d['wall_s'] for d in docs.values()) / 60
+    assert f"| all | | | | 17 | {total:.1f} |" in md and f"ran for {total:.1f} min in all" in md
+    assert f"| kl-sweep | tiny (smoke) | 0 | 1 | 5 | {docs['kl-sweep']['wall_s'] / 60:.1f} |" in md
     assert md.count("**Answer.** _(to be written from the measured numbers") == 6
     for png in ("overoptimisation.png", "kl_sweep.png", "best_of_n.png", "ptx.png", "iterate.png", "sft_ablation.png"):
         assert (tmp_path / "img" / png).read_bytes()[:8] == PNG and f"(docs/experiments/{png})" in md
@@ -213,3 +237,10 @@ def test_readme_section_renders_from_the_json(root, sft_ablation, tmp_path):
     own = (root / "kl-sweep" / "experiment.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| beta=0 |")]
     assert table and table[0] in own
+    # an images directory with spaces: the links percent-encoded, the files where they point
+    spaced = tmp_path / "my images (v2)"
+    md = render(root, spaced)
+    links = re.findall(r"!\[[^]]*\]\(([^)]*)\)", md)
+    assert len(links) == 7 and all(" " not in x for x in links)
+    for x in links:
+        assert open(urllib.parse.unquote(x), "rb").read(8) == PNG
