@@ -10,12 +10,12 @@ The gold function labels rankings and scores evaluations; it is never a training
 from .annotator import Annotator
 from .export import export_task
 from .formats import (Comparison, DataError, Message, Prompt, as_messages, pairs_from_ranking, pairs_from_ratings,
-                      read_corpus, read_preferences, read_prompts, read_sft, row_lines, write_jsonl)
+                      read_corpus, read_preferences, read_prompts, read_responses, read_sft, row_lines, write_jsonl)
 from .gold import GOLD_MAX, GOLD_MIN
 from .task import Task, build_task
 
 __all__ = [
     "Annotator", "Comparison", "DataError", "GOLD_MAX", "GOLD_MIN", "Message", "Prompt", "Task", "as_messages",
     "build_task", "export_task", "pairs_from_ranking", "pairs_from_ratings", "read_corpus", "read_preferences",
-    "read_prompts", "read_sft", "row_lines", "write_jsonl",
+    "read_prompts", "read_responses", "read_sft", "row_lines", "write_jsonl",
 ]

@@ -6,9 +6,11 @@ checkpoints blind, or report inter-annotator agreement.
     label --compare CKPT_A CKPT_B --prompts FILE [--out compare.jsonl]
     label --agreement labels.jsonl
 
-Every user mistake (a missing or malformed file, bad option values, a port in use, an --out
-of another run) is reported as one line `error: ...` with exit 2 before any model is
-loaded. Then the responses still needed are sampled, the server starts and prints its URL.
+Every user mistake (a missing or malformed file, an option value out of its range, a
+reward model's checkpoint, a prompt over its token budget, a port in use, an --out of
+another run or not a labels file) is reported as one line `error: ...` with exit 2 before
+any model is loaded and before --out is created or changed. Then the responses still
+needed are sampled, the server starts and prints its URL.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..cli import bounded
 from . import sampling
 from .server import LabelServer, is_loopback
 from .state import K_MAX, K_MIN, Item, LabelState, check_rows
@@ -29,62 +32,55 @@ from .stats import agreement
 from .store import LabelFile
 
 DEFAULT_PORT = 8765
+DEFAULT_MAX_NEW_TOKENS = 48
+DEFAULT_K = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to label (give one)")
     what.add_argument("--ckpt", metavar="DIR", help="checkpoint to sample --k responses per prompt from (with --prompts)")
     what.add_argument("--responses", metavar="FILE",
-                      help=f"pre-sampled responses instead: JSONL rows {{\"prompt\", \"responses\": [{K_MIN}..{K_MAX} strings]}}")
+                      help=f"pre-sampled responses instead: JSONL rows {{\"prompt\", \"responses\": [{K_MIN}..{K_MAX} "
+                           f"responses]}} (plain or .gz)")
     what.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
                       help="blind side-by-side evaluation of two checkpoints on --prompts: win rate of A over B")
     what.add_argument("--agreement", metavar="LABELS",
                       help="report inter-annotator agreement of a labels file (pairwise, Kendall's tau) and exit")
     p.add_argument("--prompts", metavar="FILE", help="prompts JSONL, rows {\"prompt\"} (with --ckpt or --compare)")
-    p.add_argument("--k", type=int, default=None, help=f"responses per prompt to rank, {K_MIN}..{K_MAX} (default 4; with --ckpt)")
+    p.add_argument("--k", type=bounded(int, ge=K_MIN, le=K_MAX), default=None,
+                   help=f"responses per prompt to rank, {K_MIN}..{K_MAX} (default 4; with --ckpt); prompts judged "
+                        f"by an earlier run keep the responses they were judged on")
     p.add_argument("--out", default=None, help="labels JSONL to write (default labels.jsonl, compare.jsonl with "
-                                               "--compare); rerun with the same --out to continue")
+                                               "--compare); rerun with the same --out to continue; a symlink is "
+                                               "followed to its file")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind; any non-loopback address requires the printed access token (default %(default)s)")
-    srv.add_argument("--port", type=int, default=DEFAULT_PORT, help="port, 0 for any free one (default %(default)s)")
-    srv.add_argument("--overlap", type=float, default=0.0,
+    srv.add_argument("--port", type=bounded(int, ge=0, le=65535), default=DEFAULT_PORT,
+                     help="port, 0 for any free one (default %(default)s)")
+    srv.add_argument("--overlap", type=bounded(float, ge=0, le=1), default=0.0,
                      help="fraction of prompts given to two annotators, for --agreement (0..1, default %(default)s)")
-    srv.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the overlapped prompts (default %(default)s)")
+    srv.add_argument("--seed", type=bounded(int, ge=0), default=0,
+                     help="sampling seed; also picks the overlapped prompts (default %(default)s)")
     smp = p.add_argument_group("sampling")
-    smp.add_argument("--max-new-tokens", type=int, default=48, help="(default %(default)s)")
-    smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
-    smp.add_argument("--batch-size", type=int, default=32, help="sequences sampled at once (default %(default)s)")
+    smp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=None,
+                     help=f"longest response, in tokens (default {DEFAULT_MAX_NEW_TOKENS}, or less where the "
+                          f"checkpoint's model.max_seq_len leaves less room next to the longest prompt)")
+    smp.add_argument("--temperature", type=bounded(float, ge=0), default=1.0, help="0 = greedy (default %(default)s)")
+    smp.add_argument("--batch-size", type=bounded(int, ge=1), default=32,
+                     help="sequences sampled at once (default %(default)s)")
     smp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def read_responses(path) -> list[Item]:
-    """Items from a JSONL of {"prompt": str, "responses": [str] * K} (K = 2..8; other fields,
-    such as a ranking, are ignored). Raises DataError `file:line: field: what is wrong`."""
-    items = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise sampling.DataError(f"{path}:0: file: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise sampling.DataError(f"{path}:{n}: json: not valid JSON ({e.msg} at column {e.colno})") from None
-        prompt, resp = (row.get("prompt"), row.get("responses")) if isinstance(row, dict) else (None, None)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise sampling.DataError(f"{path}:{n}: prompt: expected a non-empty string")
-        if not isinstance(resp, list) or not K_MIN <= len(resp) <= K_MAX or not all(isinstance(r, str) for r in resp):
-            raise sampling.DataError(f"{path}:{n}: responses: expected an array of {K_MIN} to {K_MAX} strings")
-        items.append(Item(prompt, tuple(resp)))
-    if not items:
-        raise sampling.DataError(f"{path}:0: file: empty, expected one JSON object per line")
-    return items
+    """Items from a JSONL (plain or gzip) of {"prompt": P, "responses": [R] * K}, K = 2..8, read
+    by minirlhf.data's reader (the checks every data file gets; a ranking or ratings, if any,
+    are ignored). Raises DataError `file:line: field: what is wrong`."""
+    return [Item(p, tuple(r)) for p, r in sampling.read_responses(path, k_max=K_MAX)]
 
 
 def _check_options(args) -> None:
+    """The option combinations (each value's own range is its argparse type's: cli.bounded)."""
     sources = [n for n in ("ckpt", "responses", "compare", "agreement") if getattr(args, n)]
     if len(sources) != 1:
         raise ValueError("give one of --ckpt, --responses, --compare, --agreement"
@@ -96,16 +92,47 @@ def _check_options(args) -> None:
         raise ValueError(f"--prompts goes with --ckpt or --compare, not --{src}")
     if args.k is not None and src != "ckpt":
         raise ValueError(f"--k goes with --ckpt (with --{src} the file or the comparison fixes K)")
-    if args.k is not None and not K_MIN <= args.k <= K_MAX:
-        raise ValueError(f"--k {args.k}: expected {K_MIN}..{K_MAX}")
-    if not 0.0 <= args.overlap <= 1.0:
-        raise ValueError(f"--overlap {args.overlap}: expected a fraction in 0..1")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: expected 0..65535")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
-        raise ValueError("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0")
     if src in ("ckpt", "compare"):
         sampling.check_device(args.device)
+
+
+def max_new_tokens(args, prompts: list, todo: list[int], ckpts: list[str]) -> tuple[int, str | None]:
+    """(the --max-new-tokens to sample with, a note when the default had to shrink), the prompts
+    still to sample (`todo`, indices into prompts) checked against the token budget the stages
+    check (pipeline.check_inputs): model.max_seq_len - max_new_tokens - 1 (the response, and
+    the EOS the reward model reads after it), with each checkpoint's tokenizer and chat
+    framing. Without --max-new-tokens: DEFAULT_MAX_NEW_TOKENS, or what the longest prompt
+    leaves. Raises ValueError `file:line: prompt: N tokens, ...` naming the option to change."""
+    lines: list[int] = []
+
+    def where(i: int) -> str:
+        if not lines:
+            lines.extend(sampling.row_lines(args.prompts))
+        return f"{args.prompts}:{lines[i]}"
+    if not todo:
+        return args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, None
+    measured = {c: sampling.prompt_lengths(c, [prompts[i] for i in todo]) for c in dict.fromkeys(ckpts)}
+    chosen, note = args.max_new_tokens, None
+    if chosen is None:
+        chosen = DEFAULT_MAX_NEW_TOKENS
+        for c, (lengths, L) in measured.items():
+            j = max(range(len(todo)), key=lengths.__getitem__, default=None)
+            if j is None or L - 1 - lengths[j] >= chosen:
+                continue
+            if L - 1 - lengths[j] < 1:
+                raise ValueError(f"{where(todo[j])}: prompt: {lengths[j]} tokens, but model.max_seq_len={L} of {c} "
+                                 f"leaves no room for a response and the EOS; shorten the prompt")
+            chosen = L - 1 - lengths[j]
+            note = (f"--max-new-tokens {chosen}: the default {DEFAULT_MAX_NEW_TOKENS} less what the longest prompt "
+                    f"({where(todo[j])}, {lengths[j]} tokens) takes of model.max_seq_len={L} of {c}")
+    for c, (lengths, L) in measured.items():
+        room = L - chosen - 1
+        for j, n in enumerate(lengths):
+            if n > room:
+                raise ValueError(f"{where(todo[j])}: prompt: {n} tokens, but model.max_seq_len={L} of {c} leaves "
+                                 f"{room} for a prompt next to --max-new-tokens={chosen} and the EOS; shorten the "
+                                 f"prompt or lower --max-new-tokens")
+    return chosen, note
 
 
 def _bind(host: str, port: int, token: str | None) -> LabelServer:
@@ -121,12 +148,10 @@ def _bind(host: str, port: int, token: str | None) -> LabelServer:
 def _agreement(path: str) -> int:
     sampling.read_preferences(path)  # the row shapes, with file:line errors
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8-sig").split("\n"), start=1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row.get("annotator"), str):
-                raise sampling.DataError(f"{path}:{n}: annotator: missing; agreement needs a file `label` wrote")
-            rows.append(row)
+    for row in sampling.rows(path):  # the same reader: plain or gzip
+        if not isinstance(row.obj.get("annotator"), str):
+            raise row.error("annotator", "missing; agreement needs a file `label` wrote")
+        rows.append(row.obj)
     a = agreement(rows)
     if a["prompts"] == 0:
         raise ValueError(f"{path}: no prompt was judged by two annotators (label with --overlap F and two or more "
@@ -147,6 +172,7 @@ def result_path(out: Path) -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
+    path = Path(os.path.realpath(path))  # a symlink stays one: its file is replaced
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
@@ -164,31 +190,55 @@ def _describe_result(r: dict) -> str:
             f"of {r['judgements']} judgements ({r['a_wins']} A, {r['b_wins']} B, {r['ties']} ties)")
 
 
+def _kept_note(k: int, prompts: list, known: dict[int, tuple[str, ...]]) -> str | None:
+    """What a rerun with another --k says: judged prompts keep the responses they were judged on."""
+    other = sorted({len(r) for r in known.values() if len(r) != k})
+    n = sum(len(r) != k for r in known.values())
+    if not other:
+        return None
+    return (f"--k {k}: {n} of {len(prompts)} prompts were judged by an earlier run on "
+            f"{' or '.join(map(str, other))} responses and keep them; {k} responses for the prompts sampled now")
+
+
 def main(args) -> int:
-    """Run `label` with parsed arguments; 0 when stopped (Ctrl-C), 2 on a user mistake."""
+    """Run `label` with parsed arguments; 0 when stopped (Ctrl-C), 2 on a user mistake.
+
+    Everything that can refuse the run does so before --out is created or changed and
+    before any model is loaded: the options, the data file, the checkpoints, the rows an
+    earlier run left in --out, the prompts' token budget, the port."""
     store = server = None
+    notes: list[str] = []
     try:
         _check_options(args)
         if args.agreement:
             return _agreement(args.agreement)
         mode = "compare" if args.compare else "rank"
-        models = [os.path.normpath(c) for c in args.compare] if args.compare else None
-        given = None
+        models = [os.path.abspath(c) for c in args.compare] if args.compare else None
+        given = stages = None
         if args.responses:
             given = read_responses(args.responses)
             prompts = [it.prompt for it in given]
         else:
             prompts = sampling.read_prompts(args.prompts)
-            for ckpt in models or [args.ckpt]:
-                sampling.check_checkpoint(ckpt)
+            stages = {ckpt: sampling.check_checkpoint(ckpt) for ckpt in models or [args.ckpt]}
         out = Path(args.out or ("compare.jsonl" if args.compare else "labels.jsonl"))
-        store = LabelFile(out)
+        store = LabelFile(out)  # reads what an earlier run wrote; writes nothing yet
         known = check_rows(store, prompts, mode=mode, models=models,
                            responses=[it.responses for it in given] if given else None)
+        todo = [i for i in range(len(prompts)) if i not in known]
+        max_new = None
+        if stages:
+            max_new, note = max_new_tokens(args, prompts, todo, list(stages))
+            notes += [note] if note else []
+        if args.ckpt:
+            notes += filter(None, [_kept_note(args.k or DEFAULT_K, prompts, known)])
         token = None if is_loopback(args.host) else secrets.token_urlsafe(16)
         server = _bind(args.host, args.port, token)
+        store.start()  # the first write to --out: every check has passed
     except ValueError as e:  # DataError too
         print(f"error: {e}", file=sys.stderr)
+        if server is not None:
+            server.server_close()
         if store is not None:
             store.close()
         return 2
@@ -198,17 +248,18 @@ def main(args) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)  # `kill`: stop as Ctrl-C does
     try:
-        for note in store.notes:
-            print(f"[label] {note}")
-        items = given or _sample(args, prompts, known, models)
+        for note in store.notes + notes:
+            print(f"[label] {note}", flush=True)
+        items = given or _sample(args, prompts, known, todo, models, max_new)
         def write_result(state):  # --compare: the win rate so far, after every change
             _write_json(result_path(out), state.result())
         state = LabelState(items, store, mode=mode, overlap=args.overlap, seed=args.seed, models=models,
                            on_change=write_result if mode == "compare" else None)
         server.state = state
         p = state.progress()
-        what = (f"{len(items)} prompts, A = {models[0]}, B = {models[1]}" if models
-                else f"{len(items)} prompts x {len(items[0].responses)} responses" if not given
+        stage = {c: f"{c} (stage {s})" for c, s in (stages or {}).items()}
+        what = (f"{len(items)} prompts, A = {stage[models[0]]}, B = {stage[models[1]]}" if models
+                else f"{len(items)} prompts x {args.k or DEFAULT_K} responses from {stage[args.ckpt]}" if not given
                 else f"{len(items)} prompts from {args.responses}")
         print(f"[label] {mode}: {what}; {p['done']} of {p['total']} judgements already in {out}", flush=True)
         print(f"[label] open {server.url} in a browser (Ctrl-C stops; each judgement is on disk "
@@ -231,10 +282,11 @@ def main(args) -> int:
     return 0
 
 
-def _sample(args, prompts: list[str], known: dict[int, tuple[str, ...]], models: list[str] | None) -> list[Item]:
-    """Responses for the prompts no earlier run judged (those keep the responses they were judged on)."""
-    todo = [i for i in range(len(prompts)) if i not in known]
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size,
+def _sample(args, prompts: list, known: dict[int, tuple[str, ...]], todo: list[int], models: list[str] | None,
+            max_new: int) -> list[Item]:
+    """Responses for the prompts no earlier run judged (`todo`; the others keep the responses they
+    were judged on)."""
+    kw = dict(max_new_tokens=max_new, temperature=args.temperature, batch_size=args.batch_size,
               seed=args.seed, device=args.device)
     fresh: dict[int, tuple[str, ...]] = {}
     if todo and models:
@@ -242,6 +294,6 @@ def _sample(args, prompts: list[str], known: dict[int, tuple[str, ...]], models:
         b = sampling.sample(models[1], [prompts[i] for i in todo], n=1, **kw)
         fresh = {i: (ra[0], rb[0]) for i, ra, rb in zip(todo, a, b)}
     elif todo:
-        got = sampling.sample(args.ckpt, [prompts[i] for i in todo], n=args.k or 4, **kw)
+        got = sampling.sample(args.ckpt, [prompts[i] for i in todo], n=args.k or DEFAULT_K, **kw)
         fresh = {i: tuple(r) for i, r in zip(todo, got)}
     return [Item(p, known.get(i) or fresh[i]) for i, p in enumerate(prompts)]

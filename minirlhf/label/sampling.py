@@ -1,16 +1,20 @@
 """The one seam between `label` and the rest of minirlhf: checkpoints, sampling and the
 preference file format. Everything else in minirlhf/label/ is plain stdlib.
 
-    DataError, read_prompts(path), read_preferences(path)      file formats (minirlhf.data)
-    check_checkpoint(dir), check_device(name)                   ValueError unless usable
+    DataError, read_prompts(path), read_responses(path, k_max), read_preferences(path),
+    rows(path), row_lines(path), show(value)                   file formats (minirlhf.data)
+    check_checkpoint(dir) -> stage, check_device(name)          ValueError unless usable
+    prompt_lengths(dir, prompts) -> ([tokens], max_seq_len)     the stages' token budget, cheaply
     sample(ckpt_dir, prompts, n=K, ...) -> [[str] * K per prompt]
 """
 from __future__ import annotations
 
 from ..checkpoint import fsync
-from ..data import DataError, read_preferences, read_prompts
+from ..data import DataError, read_preferences, read_prompts, read_responses, row_lines
+from ..data.formats.jsonl import rows, show
 
-__all__ = ["DataError", "check_checkpoint", "check_device", "fsync", "read_preferences", "read_prompts", "sample"]
+__all__ = ["DataError", "check_checkpoint", "check_device", "fsync", "prompt_lengths", "read_preferences",
+           "read_prompts", "read_responses", "row_lines", "rows", "sample", "show"]
 
 
 def check_device(name: str) -> None:
@@ -20,15 +24,30 @@ def check_device(name: str) -> None:
     resolve_device(name)
 
 
-def check_checkpoint(path) -> None:
-    """Raise ValueError unless `path` holds a finished checkpoint of any stage (cheap: reads config.json)."""
+def check_checkpoint(path) -> str:
+    """The stage of the finished checkpoint at `path` (cheap: reads config.json); ValueError
+    unless there is one that can write responses: a reward model's (stage "rm") only scores them."""
     from .. import checkpoint
 
     if not checkpoint.is_finished(path):
         raise ValueError(f"{path}: no finished checkpoint here (a stage directory such as runs/quick/sft)")
+    stage = str(checkpoint.read_meta(path).get("stage"))
+    if stage == "rm":
+        raise ValueError(f"{path}: a reward model's checkpoint (stage rm) scores responses, it does not write "
+                         f"them; give a policy's (a stage such as runs/quick/sft or runs/quick/ppo)")
+    return stage
 
 
-def sample(ckpt_dir, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, batch_size: int,
+def prompt_lengths(ckpt_dir, prompts: list) -> tuple[list[int], int]:
+    """(tokens of each prompt as the policy sees it, with its chat framing; the model's
+    max_seq_len), from the checkpoint's tokenizer and config alone (no model is loaded)."""
+    from .. import checkpoint
+
+    tokenizer = checkpoint.load_tokenizer(ckpt_dir)
+    return [len(tokenizer.prompt_ids(p)) for p in prompts], int(checkpoint.read_meta(ckpt_dir)["model"]["max_seq_len"])
+
+
+def sample(ckpt_dir, prompts: list, *, n: int, max_new_tokens: int, temperature: float, batch_size: int,
            seed: int, device: str = "auto") -> list[list[str]]:
     """n responses (decoded text) per prompt from the checkpoint's model, with its chat framing;
     the same seed gives the same texts on the same device."""

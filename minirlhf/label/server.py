@@ -12,15 +12,22 @@ through DNS rebinding). On any other address every request needs the access toke
 ?token= (the printed URL; the page then keeps it in an HttpOnly SameSite=Strict cookie)
 or in that cookie; without it the answer is 403. POSTs must be application/json (a
 cross-site form cannot send that without a CORS preflight, which is never granted) and at
-most MAX_BODY bytes; anything malformed is 400 and changes nothing. The static files are
-read from the package once, at start: no request names a file, so none can read or write
-one; the only file written is the labels file (--out) behind LabelState.
+most MAX_BODY bytes; anything malformed is 400 and changes nothing. Every answer but the
+page's own files is JSON, the refusals too, and every one carries the security headers: any
+other method (PUT, HEAD, OPTIONS, ...) passes the same access checks, then gets 405, and
+what the stdlib refuses before a handler runs (a request line or headers it cannot parse)
+is JSON as well. A client that goes away mid-request costs a closed connection and not a
+word in the terminal; the terminal gets one line for a labels file that cannot be written,
+and a traceback only for a bug. The static files are read from the package once, at start:
+no request names a file, so none can read or write one; the only file written is the
+labels file (--out) behind LabelState.
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import sys
 import traceback
@@ -31,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 from .state import BadRequest
 
 MAX_BODY = 16 * 1024      # a judgement is ~100 bytes
+CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")  # ASCII digits only (str.isdigit takes "٣"), no 5000-digit int()
 DRAIN_LIMIT = 1 << 20     # an oversized body is read (and dropped) up to this, so the 400 arrives
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/static/label.js": ("label.js", "text/javascript; charset=utf-8"),
@@ -67,6 +75,11 @@ class _Reply(Exception):
         self.status, self.message = status, message
 
 
+def _gone(e: BaseException) -> bool:
+    """The client went away or stalled: nothing to answer, nothing to report."""
+    return isinstance(e, (ConnectionError, TimeoutError))
+
+
 class LabelServer(ThreadingHTTPServer):
     """Binds at construction (so a port in use fails before any sampling); `state` (a
     LabelState) must be set before serve_forever. token=None: loopback only, Host checked."""
@@ -84,6 +97,12 @@ class LabelServer(ThreadingHTTPServer):
         if token is None:  # what a browser on this machine may send as Host
             names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
             self.allowed_hosts = {f"{n}:{self.port}" for n in names} | ({*names} if self.port == 80 else set())
+
+    def handle_error(self, request, client_address) -> None:
+        """What escaped a handler: quiet for a client that went away, one line otherwise."""
+        e = sys.exc_info()[1]
+        if e is not None and not _gone(e):
+            print(f"[label] error serving {client_address[0]}: {type(e).__name__}: {e}", file=sys.stderr)
 
     @property
     def cookie(self) -> str:
@@ -111,22 +130,46 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._handle(self._post)
 
+    def __getattr__(self, name: str):
+        """do_PUT, do_HEAD, do_OPTIONS, ...: any other method, checked like GET and POST, then 405
+        (the stdlib would answer an HTML 501 without the access checks or the security headers)."""
+        if name.startswith("do_"):
+            return lambda: self._handle(self._not_allowed)
+        raise AttributeError(name)
+
     def _handle(self, route) -> None:
         try:
             url = urlsplit(self.path)
             set_cookie = self._check_access(url)
             route(url, set_cookie)
         except _Reply as r:
-            self._send(r.status, json.dumps({"error": r.message}).encode(), "application/json")
+            self._send_error(r.status, r.message)
         except BadRequest as e:
-            self._send(400, json.dumps({"error": str(e)}).encode(), "application/json")
-        except OSError as e:  # the labels file could not be written: nothing was recorded
-            traceback.print_exc(file=sys.stderr)
-            self._send(500, json.dumps({"error": f"could not write the labels file: {e}"}).encode(),
-                       "application/json")
+            self._send_error(400, str(e))
+        except OSError as e:
+            if _gone(e):  # the client left while we read its request or answered it
+                self.close_connection = True
+                return
+            # the labels file could not be written: nothing was recorded
+            print(f"[label] error: could not write the labels file: {e}", file=sys.stderr)
+            self._send_error(500, f"could not write the labels file: {e}")
         except Exception:  # a bug: say so in the terminal, keep serving
             traceback.print_exc(file=sys.stderr)
-            self._send(500, b'{"error": "internal error (see the server terminal)"}', "application/json")
+            self._send_error(500, "internal error (see the server terminal)")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (a request line or headers it cannot parse, a method it does
+        not know): JSON with the security headers, as every other answer."""
+        if self.request_version == "HTTP/0.9":  # a request line it could not parse: answer with a status line
+            self.request_version = "HTTP/1.0"
+        self._send_error(code, message or self.responses.get(code, ("error",))[0])
+
+    def _send_error(self, status: int, message: str) -> None:
+        self.close_connection = True  # a body we did not read must not be taken for the next request
+        self._send(status, json.dumps({"error": message}).encode(), "application/json")
+
+    def _not_allowed(self, url, set_cookie: bool) -> None:
+        raise _Reply(405, f"method {self.command[:20]!r} not allowed (GET the page, POST to /api/...)")
 
     def _check_access(self, url) -> bool:
         """403 unless the request may come in; True when the token arrived in the query (set the cookie)."""
@@ -167,9 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise _Reply(400, "Content-Type must be application/json")
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
-            raise _Reply(400, "Content-Length required")
+        length = self.headers.get("Content-Length", "").strip()
+        if not CONTENT_LENGTH.fullmatch(length):
+            raise _Reply(400, "Content-Length required (a number of bytes)")
         length = int(length)
         if length > MAX_BODY:
             self.close_connection = True
@@ -191,20 +234,32 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(400, "request body incomplete")
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _Reply(400, f"body is not JSON ({e})") from None
+        except RecursionError:
+            raise _Reply(400, "body is nested too deeply") from None
+        except ValueError as e:  # not UTF-8, not JSON, an integer of more than 4300 digits
+            raise _Reply(400, f"body is not JSON ({str(e)[:200]})") from None
         if not isinstance(body, dict):
             raise _Reply(400, "body must be a JSON object")
         return body
 
     def _send(self, status: int, body: bytes, ctype: str, set_cookie: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in SECURITY_HEADERS.items():
-            self.send_header(k, v)
-        if set_cookie:
-            self.send_header("Set-Cookie", f"{self.server.cookie}={self.server.token}; Path=/; HttpOnly; "
-                                           f"SameSite=Strict")
-        self.end_headers()
-        self.wfile.write(body)
+        """One answer with the security headers; a client that has gone away is let go quietly."""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in SECURITY_HEADERS.items():
+                self.send_header(k, v)
+            if status == 405:
+                self.send_header("Allow", "GET, POST")
+            if set_cookie:
+                self.send_header("Set-Cookie", f"{self.server.cookie}={self.server.token}; Path=/; HttpOnly; "
+                                               f"SameSite=Strict")
+            self.end_headers()
+            if self.command != "HEAD":  # HEAD: the headers alone
+                self.wfile.write(body)
+            self.wfile.flush()
+        except OSError as e:
+            if not _gone(e):
+                raise
+            self.close_connection = True

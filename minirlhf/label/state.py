@@ -1,12 +1,14 @@
 """Who labels what: prompts handed to browser sessions, judgements validated and turned into
 preference rows, undo, progress. No HTTP here; server.py calls these under one lock.
 
-An *item* is one prompt with its responses (K for ranking; [A's, B's] for --compare). Each
-item needs one judgement, two if it is among the overlapped fraction (--overlap F: the same
-round(F * N) items for a given --seed). A *session* (one browser) holds at most one item at
-a time; it is offered the first item it has not judged that is not full, counting the
-judgements written and the other sessions' holds. A skip fills the slot like a judgement
-(the prompt was seen and declined) and is written as a row that carries no preference.
+An *item* is one prompt (a string, or a conversation: a list of {"role", "content"}
+messages ending with a user turn, as minirlhf.data reads them) with its responses (K for
+ranking; [A's, B's] for --compare). Each item needs one judgement, two if it is among the
+overlapped fraction (--overlap F: the same round(F * N) items for a given --seed). A
+*session* (one browser) holds at most one item at a time; it is offered the first item it
+has not judged that is not full, counting the judgements written and the other sessions'
+holds. A skip fills the slot like a judgement (the prompt was seen and declined) and is
+written as a row that carries no preference.
 
 The page sees responses in a per-(session, item) random order, so position bias does not
 become preference; a judgement names display positions and is mapped back here. Rows:
@@ -20,9 +22,13 @@ become preference; a judgement names display positions and is mapped back here. 
     "seconds" (from showing to judging) and "time" (UTC).
 
 `read_preferences` reads every row shape above: ties and skips drop out as pairs.
+
+A request is valid or it changes nothing: a session id is registered only by a `next`
+that is answered, and judge, skip and undo need a session the server knows.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import secrets
@@ -31,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .sampling import DataError
+from .sampling import DataError, show
 from .stats import win_rate
 
 K_MIN, K_MAX = 2, 8  # 8: any tie pattern then fits the 7 rating levels of the ratings row
@@ -46,7 +52,7 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    prompt: str
+    prompt: str | list[dict]   # a string, or messages [{"role", "content"}] ending with a user turn
     responses: tuple[str, ...]
 
 
@@ -80,7 +86,13 @@ def overlapped(n_items: int, fraction: float, seed: int) -> set[int]:
     return set(random.Random(f"overlap/{seed}").sample(range(n_items), round(fraction * n_items)))
 
 
-def check_rows(store, prompts: list[str], *, mode: str, models: list[str] | None = None,
+def same_checkpoints(a: list[str], b: list[str]) -> bool:
+    """Whether two lists of checkpoint paths name the same directories, however each is spelt
+    (relative or absolute, through symlinks; a relative path is taken from the current directory)."""
+    return [os.path.realpath(p) for p in a] == [os.path.realpath(p) for p in b]
+
+
+def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = None,
                responses: list[tuple[str, ...]] | None = None) -> dict[int, tuple[str, ...]]:
     """Check the rows an earlier run left in the labels file against this run's prompts (and
     responses, when given): the responses each judged item was shown, by item index. Raises
@@ -94,7 +106,7 @@ def check_rows(store, prompts: list[str], *, mode: str, models: list[str] | None
             return DataError(f"{where}: {fld}: {what}; this --out belongs to another labelling run, use a new one")
         item = row.get("item")
         if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < len(prompts):
-            raise bad("item", f"expected a prompt index 0..{len(prompts) - 1}, got {item!r}")
+            raise bad("item", f"expected a prompt index 0..{len(prompts) - 1}, got {show(item)}")
         if row.get("prompt") != prompts[item]:
             raise bad("prompt", f"differs from prompt {item} of this run")
         resp = row.get("responses")
@@ -106,7 +118,7 @@ def check_rows(store, prompts: list[str], *, mode: str, models: list[str] | None
             raise bad("responses", f"differ from the responses of prompt {item}")
         annotator = row.get("annotator")
         if not isinstance(annotator, str) or not SESSION_RE.fullmatch(annotator):
-            raise bad("annotator", f"expected a session id, got {annotator!r}")
+            raise bad("annotator", f"expected a session id, got {show(annotator)}")
         if (item, annotator) in seen:
             raise bad("annotator", f"judged prompt {item} twice")
         shown = row.get("shown")
@@ -114,8 +126,10 @@ def check_rows(store, prompts: list[str], *, mode: str, models: list[str] | None
             raise bad("shown", "expected a permutation of the response indices")
         is_compare = "winner" in row or "models" in row
         if mode == "compare":
-            if row.get("models") != models:
-                raise bad("models", f"{row.get('models')!r}, this run compares {models!r}")
+            given = row.get("models")
+            if not (isinstance(given, list) and len(given) == 2 and all(isinstance(m, str) for m in given)
+                    and same_checkpoints(given, models)):
+                raise bad("models", f"{show(given)}, this run compares {show(models)}")
             if not row.get("skipped") and row.get("winner") not in ("A", "B", "tie"):
                 raise bad("winner", "expected A, B or tie")
         elif is_compare:
@@ -155,12 +169,16 @@ class LabelState:
         self.row_of[row_id] = row
 
     def _session(self, body: dict, create: bool = False) -> str:
+        """The request's session id, checked; with create, a new one when the body has none.
+        Nothing is registered here: `next` registers it once the request is known good, and the
+        other calls need a session the server knows (from `next`, or a row of the file)."""
         sid = body.get("session")
         if sid is None and create:
             sid = secrets.token_urlsafe(12)
         if not isinstance(sid, str) or not SESSION_RE.fullmatch(sid):
             raise BadRequest("session: expected a session id (8-64 letters, digits, - or _)")
-        self.sessions.setdefault(sid, _Session())  # a session from before a restart comes back
+        if not create and sid not in self.sessions:
+            raise BadRequest("session: not known to this server (reload the page)")
         return sid
 
     def _release(self, sid: str) -> None:
@@ -197,8 +215,8 @@ class LabelState:
     def _held(self, sid: str, body: dict) -> _Hold:
         hold = self.sessions[sid].hold
         item = body.get("item")
-        if hold is None or item != hold.item or isinstance(item, bool):
-            raise BadRequest(f"item: {item!r} is not the prompt this session holds (reload the page)")
+        if hold is None or type(item) is not int or item != hold.item:  # 1.0 and true are no index
+            raise BadRequest(f"item: {show(item)} is not the prompt this session holds (reload the page)")
         return hold
 
     def _append(self, sid: str, row: dict) -> None:
@@ -226,6 +244,7 @@ class LabelState:
         with self.lock:
             sid = self._session(body, create=True)
             _check_keys(body, {"session"})
+            self.sessions.setdefault(sid, _Session())  # new, or a session from before a restart
             self._offer(sid)
             return self._view(sid)
 
@@ -331,4 +350,4 @@ class LabelState:
 def _check_keys(body: dict, allowed: set[str]) -> None:
     extra = sorted(set(body) - allowed)
     if extra:
-        raise BadRequest(f"{extra[0]}: unexpected field")
+        raise BadRequest(f"{show(extra[0])}: unexpected field")

@@ -81,22 +81,26 @@ def scores(row: dict) -> list[int] | None:
     return list(row["ratings"])
 
 
+def _hashable(prompt):
+    """A prompt as a dict key: a string as is, a conversation as its (role, content) turns."""
+    return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+
+
 def agreement(rows: list[dict]) -> dict:
     """Inter-annotator agreement over the prompts that two or more annotators judged (rows
-    with the same prompt and responses, different "annotator"); every pair of annotators of
-    a prompt counts once.
+    with the same prompt, a string or a conversation, and the same responses, different
+    "annotator"); every pair of annotators of a prompt counts once.
 
     pairwise_agreement: over response pairs that both annotators ordered strictly, the
     fraction ordered the same way (the rate InstructGPT reports for its labellers, Ouyang
-    et al. 2022);
-    pairs one of them tied are counted apart (tied_pairs). kendall_tau: the mean over
+    et al. 2022); pairs one of them tied are counted apart (tied_pairs). kendall_tau: the mean over
     (prompt, annotator pair) of Kendall's tau-b between the two orderings, where defined."""
     by_prompt: dict[tuple, dict[str, list[int]]] = defaultdict(dict)
     annotators = set()
     for r in rows:
         s = scores(r)
         if s is not None:
-            by_prompt[(r["prompt"], tuple(r["responses"]))][r["annotator"]] = s
+            by_prompt[(_hashable(r["prompt"]), tuple(r["responses"]))][r["annotator"]] = s
             annotators.add(r["annotator"])
     agree = strict = tied = 0
     taus = []

@@ -1,18 +1,29 @@
 """The labels file: one JSON row per judgement, durable before the next prompt is shown.
 
-    store = LabelFile(path)        # creates it, or reads what an earlier run wrote
-    store.rows                     # [(row_id, dict)] in file order
+    store = LabelFile(path)        # reads what an earlier run wrote, if anything; writes nothing
+    store.rows                     # [(row_id, dict)] in file order (the caller checks them: check_rows)
+    store.start()                  # creates the file, or repairs an unfinished last line
     row_id = store.append(row)     # one write(2) of the whole line, then fsync
     store.remove(row_id)           # undo: the file without that row, swapped in atomically
     store.close()
 
+Nothing is written before `start()`, which the caller reaches only once every check has
+passed (the rows are this run's, the port is free, the prompts fit): a file that is
+refused is left byte for byte as it was.
+
 Durability: `append` returns only after the line is on disk (os.fsync; the directory is
 fsynced once when the file is created), so a server killed at any point (Ctrl-C,
 kill -9, power loss) loses at most the judgement whose request was still in flight. A
-line cut short by such a kill has no trailing newline; the next run drops it (and says
-so) and continues. `remove` writes the remaining rows to `.NAME.undo.tmp` beside the
-file, fsyncs it and renames it over the file, so a crash leaves the old or the new
-file, never a mix. An exclusive flock keeps a second label server off the same file.
+line cut short by such a kill has no trailing newline. `start` drops it (and says so)
+only when the file is one `label` wrote: every complete line a row the caller accepted
+and the cut line the start of a row as `label` writes them (`{"prompt": `); any other
+file with an unfinished last line (a model, notes) is refused and not touched. `remove`
+writes the remaining rows to `.NAME.undo.tmp` beside the file, fsyncs it and renames it
+over the file, so a crash leaves the old or the new file, never a mix. An exclusive
+flock keeps a second label server off the same file.
+
+A symlink is resolved once, when the store is made: every read, append and undo goes to
+the file it points to (an undo replaces that file, the link stays a link).
 """
 from __future__ import annotations
 
@@ -23,38 +34,48 @@ from pathlib import Path
 
 from .sampling import DataError, fsync
 
+ROW_START = b'{"prompt": '  # how every row `label` writes begins (state.py puts "prompt" first)
+
 
 class LabelFile:
     """Append-only JSONL of judgement rows (see the module docstring); not thread-safe:
-    the caller serialises calls (LabelState holds one lock around every change)."""
+    the caller serialises calls (LabelState holds one lock around every change).
+
+    path: --out as the user gave it (for messages); real: the file written (symlinks resolved).
+    Raises ValueError (DataError for the contents: `file:line: field: what`) for an --out
+    that is a directory, in a missing directory, locked by another server, or not a labels file."""
 
     def __init__(self, path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.undo.tmp")
-        self.notes: list[str] = []  # what recovery did, for the CLI to print
-        if self.path.is_dir():
+        self.real = Path(os.path.realpath(self.path))
+        self.tmp = self.real.with_name(f".{self.real.name}.undo.tmp")
+        self.notes: list[str] = []  # what start() did, for the CLI to print
+        if self.real.is_dir():
             raise ValueError(f"--out {self.path}: is a directory, expected a .jsonl file")
-        if not self.path.parent.is_dir():
-            raise ValueError(f"--out {self.path}: directory {self.path.parent} does not exist")
-        created = not self.path.exists()
+        if not self.real.parent.is_dir():
+            raise ValueError(f"--out {self.path}: directory {self.real.parent} does not exist")
+        self._fd = -1
+        self._created = self._started = False
+        self._next_id = 0
+        self.rows: list[tuple[int, dict]] = []
+        self._lines: dict[int, bytes] = {}
+        self.line_of: dict[int, int] = {}
+        self._cut = None   # (offset, bytes) of an unfinished last line to drop at start()
+        self._newline = False  # the last row lacks its newline: add it at start()
+        if self.real.exists():
+            self._open(os.O_RDWR | os.O_APPEND)
+            try:
+                self._read()
+            except BaseException:
+                self.close()
+                raise
+
+    def _open(self, flags: int) -> None:
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.real, flags, 0o644)
         except OSError as e:
             raise ValueError(f"--out {self.path}: cannot open for writing ({e.strerror or e})") from None
-        try:
-            self._lock()
-            if created:
-                fsync(self.path.parent)
-            if self.tmp.exists():  # debris of a crash mid-undo: the file itself is intact
-                self.tmp.unlink()
-            self._next_id = 0
-            self.rows: list[tuple[int, dict]] = []
-            self._lines: dict[int, bytes] = {}
-            self.line_of: dict[int, int] = {}
-            self._read()
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._lock()
 
     def _lock(self) -> None:
         try:
@@ -63,34 +84,40 @@ class LabelFile:
             raise ValueError(f"--out {self.path}: another label server is writing this file") from None
 
     def _read(self) -> None:
-        data = self.path.read_bytes()
+        """Parse the file into rows; no write. An unfinished last line is remembered for start()."""
+        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a last line without its newline: cut short by a kill, or hand-written
-            tail = data[end:]
-            try:
-                whole = isinstance(json.loads(tail.decode("utf-8")), dict)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                whole = False
-            if whole:
-                os.write(self._fd, b"\n")
-                data += b"\n"
-            else:
-                os.ftruncate(self._fd, end)
-                data = data[:end]
-                self.notes.append(f"{self.path}: dropped an unfinished last line ({len(tail)} bytes), "
-                                  f"the judgement in flight when the server stopped")
-            os.fsync(self._fd)
-        for i, raw in enumerate(data.split(b"\n")[:-1], start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{self.path}:{i}: json: not valid JSON ({e}); not a file `label` wrote, "
-                                f"use another --out") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{self.path}:{i}: row: expected a JSON object; use another --out")
-            self._add(obj, raw + b"\n", line=i)
+        lines = data[:end].split(b"\n")[:-1]
+        tail = data[end:]
+        for i, raw in enumerate(lines, start=1):
+            if raw.strip():
+                self._add(self._parse(raw, i), raw + b"\n", line=i)
+        if not tail:
+            return
+        n = len(lines) + 1
+        try:
+            whole = json.loads(tail.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, an over-long integer, nested too deeply
+            whole = None
+        if isinstance(whole, dict):  # the newline alone is missing: a row like any other
+            self._add(whole, tail + b"\n", line=n)
+            self._newline = True
+        elif self.rows and (tail.startswith(ROW_START) or ROW_START.startswith(tail)):
+            self._cut = (end, tail)
+        else:
+            raise DataError(f"{self.path}:{n}: row: an unfinished last line that `label` did not write; "
+                            f"not a labels file, use another --out")
+
+    def _parse(self, raw: bytes, i: int) -> dict:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            what = e if isinstance(e, ValueError) else "nested too deeply"
+            raise DataError(f"{self.path}:{i}: json: not valid JSON ({what}); not a file `label` wrote, "
+                            f"use another --out") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{self.path}:{i}: row: expected a JSON object; use another --out")
+        return obj
 
     def _add(self, obj: dict, raw: bytes, line: int = 0) -> int:
         row_id = self._next_id
@@ -100,8 +127,34 @@ class LabelFile:
         self._lines[row_id] = raw
         return row_id
 
+    def start(self) -> None:
+        """Make the file writable: create it (fsyncing its directory), or finish what a killed
+        run left (its last line without the newline, or cut short: dropped, said in notes).
+        Call only once the rows are checked as this run's (check_rows)."""
+        if self._started:
+            return
+        if self._fd < 0:
+            self._open(os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            self._created = os.fstat(self._fd).st_size == 0
+            if self._created:
+                fsync(self.real.parent)
+        if self._cut is not None:
+            end, tail = self._cut
+            os.ftruncate(self._fd, end)
+            self.notes.append(f"{self.path}: dropped an unfinished last line ({len(tail)} bytes), "
+                              f"the judgement in flight when the server stopped")
+        elif self._newline:
+            os.write(self._fd, b"\n")
+        if self._cut is not None or self._newline:
+            os.fsync(self._fd)
+        if self.tmp.exists():  # debris of a crash mid-undo: the file itself is intact
+            self.tmp.unlink()
+        self._started = True
+
     def append(self, row: dict) -> int:
         """Write one row and fsync; returns its id (for `remove`)."""
+        if not self._started:
+            raise RuntimeError("LabelFile.start() first")
         raw = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         n = os.write(self._fd, raw)
         if n != len(raw):  # a full disk: cut the partial line, keep the file well formed
@@ -112,6 +165,8 @@ class LabelFile:
 
     def remove(self, row_id: int) -> None:
         """Rewrite the file without row `row_id`: temp file, fsync, rename, fsync the directory."""
+        if not self._started:
+            raise RuntimeError("LabelFile.start() first")
         keep = [rid for rid, _ in self.rows if rid != row_id]
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -125,8 +180,8 @@ class LabelFile:
             raise
         os.close(fd)
         fd = os.open(self.tmp, os.O_RDWR | os.O_APPEND)
-        os.replace(self.tmp, self.path)
-        fsync(self.path.parent)
+        os.replace(self.tmp, self.real)
+        fsync(self.real.parent)
         old, self._fd = self._fd, fd
         self._lock()
         os.close(old)
@@ -134,6 +189,10 @@ class LabelFile:
         del self._lines[row_id], self.line_of[row_id]
 
     def close(self) -> None:
+        """Release the file; one this store created and never wrote a row to is removed (a run
+        that stopped before its first judgement leaves nothing behind)."""
         if self._fd >= 0:
+            if self._created and os.fstat(self._fd).st_size == 0:
+                self.real.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = -1

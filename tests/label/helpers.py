@@ -64,17 +64,20 @@ class Client:
 
 
 @contextmanager
-def running(out: Path, items=ITEMS, *, mode="rank", overlap=0.0, seed=0, models=None, token=None, **state_kw):
-    """A label server over `items` writing `out`, serving in a thread until the block ends."""
+def running(out: Path, items=ITEMS, *, mode="rank", overlap=0.0, seed=0, models=None, token=None, port=0,
+            **state_kw):
+    """A label server over `items` writing `out` on `port` (0: any free one), serving in a thread
+    until the block ends."""
     store = LabelFile(out)
     try:
         check_rows(store, [it.prompt for it in items], mode=mode, models=models,
                    responses=[it.responses for it in items])
+        store.start()
     except ValueError:
         store.close()
         raise
     state = LabelState(items, store, mode=mode, overlap=overlap, seed=seed, models=models, **state_kw)
-    server = LabelServer("127.0.0.1", 0, token=token, state=state)
+    server = LabelServer("127.0.0.1", port, token=token, state=state)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

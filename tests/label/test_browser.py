@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,51 @@ def test_rank_skip_undo_by_keyboard_and_mouse_then_compare(driver, tmp_path):
         assert page.el("#r-n").text.startswith("2:")
     rows = read_rows(out)
     assert [r["winner"] for r in rows] == ["A" if left == pairs[0].responses[0] else "B", "tie"]
+
+
+def test_a_conversation_prompt_shows_its_turns_as_text(driver, tmp_path):
+    """A prompt may be a list of messages (--prompts and --responses accept them): the page shows
+    each turn, its role and its content, as text, never as HTML."""
+    chat = [{"role": "system", "content": NASTY[0]}, {"role": "user", "content": "Where is Lima?"},
+            {"role": "assistant", "content": NASTY[1]}, {"role": "user", "content": NASTY[2]}]
+    items = [Item(chat, ("Peru", "Chile")), Item("Say hello.", ("hello", "hi"))]
+    page = Page(driver)
+    with running(tmp_path / "labels.jsonl", items) as server:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        _wait(driver, lambda: page.els("#prompt .turn"), "the conversation's turns")
+        turns = page.els("#prompt .turn")
+        assert [t.find_element(page.By.CSS_SELECTOR, ".role").text for t in turns] == \
+            ["System", "User", "Assistant", "User"]
+        assert [t.find_element(page.By.CSS_SELECTOR, ".text").get_attribute("textContent") for t in turns] == \
+            [m["content"] for m in chat]
+        assert "[object Object]" not in page.el("#prompt").text
+        assert driver.execute_script("return window.__pwned") is None
+        assert not page.els("#prompt img") and not page.els("#bold") and not page.els("#prompt script")
+        page.keys("1")
+        page.keys("\ue007")  # Enter: Peru best
+        page.wait_prompt("Say hello.")  # the next prompt, a string, replaces the turns
+        assert not page.els("#prompt .turn")
+    assert read_rows(tmp_path / "labels.jsonl")[0]["prompt"] == chat
+
+
+def test_a_browser_keeps_its_session_and_undo_on_another_port(driver, tmp_path):
+    """The README's promise: a browser that comes back to a restarted server keeps its undo
+    history, also when the server now listens on another port (--port 0)."""
+    items = [Item(f"Prompt {i}?", ("yes", "no")) for i in range(3)]
+    out = tmp_path / "labels.jsonl"
+    page = Page(driver)
+    with running(out, items) as server:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        page.wait_prompt("Prompt 0?")
+        page.keys("1", "\ue007")
+        page.wait_prompt("Prompt 1?")
+        with socket.socket() as free:  # a free port, surely not this server's
+            free.bind(("127.0.0.1", 0))
+            other_port = free.getsockname()[1]
+    with running(out, items, port=other_port) as server:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        page.wait_prompt("Prompt 1?")
+        assert page.el("#undo").is_displayed()
+        page.keys("u")
+        page.wait_prompt("Prompt 0?")
+    assert out.read_text() == ""

@@ -5,12 +5,15 @@ flight; --compare writes its win rate; --agreement reports it; a non-loopback ho
 the token."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +23,7 @@ import pytest
 from minirlhf.cli import main
 from minirlhf.data import read_preferences
 from minirlhf.label import sampling
+from minirlhf.label.server import LabelServer
 from minirlhf.label.state import Item
 
 from .helpers import Client, read_rows, running
@@ -47,6 +51,15 @@ def no_sampling(monkeypatch):
     monkeypatch.setattr(sampling, "sample", refuse)
 
 
+@pytest.fixture(autouse=True)
+def _never_serve_in_process(monkeypatch):
+    """A run in this process that should have stopped at a mistake fails instead of serving
+    forever (`_run` serves on purpose; the subprocess tests are other processes)."""
+    def refuse(self, *a, **kw):
+        raise AssertionError("the server started: the mistake was not reported")
+    monkeypatch.setattr(LabelServer, "serve_forever", refuse)
+
+
 def _mistake(capsys, argv) -> str:
     assert main(["label", *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -61,11 +74,11 @@ def test_user_mistakes_are_one_line_exit_2_before_sampling(files, tiny_ckpt, cap
     bad_json.write_text('{"prompt": "ok"}\n{"prompt": \n')
     assert "missing.jsonl:0: file: cannot read" in _mistake(capsys, ["--ckpt", ck, "--prompts", str(d / "missing.jsonl")])
     assert "bad.jsonl:2: json: not valid JSON" in _mistake(capsys, ["--ckpt", ck, "--prompts", str(bad_json)])
-    assert "bad.jsonl:1: responses: expected an array" in _mistake(capsys, ["--responses", str(bad_json)])
+    assert "bad.jsonl:1: responses: missing" in _mistake(capsys, ["--responses", str(bad_json)])
     assert "no finished checkpoint" in _mistake(capsys, ["--ckpt", str(d), "--prompts", str(prompts)])
     assert "no finished checkpoint" in _mistake(capsys, ["--compare", ck, str(d), "--prompts", str(prompts)])
-    assert "--overlap 1.5" in _mistake(capsys, ["--responses", str(responses), "--overlap", "1.5"])
-    assert "--k 9" in _mistake(capsys, ["--ckpt", ck, "--prompts", str(prompts), "--k", "9"])
+    assert "--overlap: 1.5 must be" in _mistake(capsys, ["--responses", str(responses), "--overlap", "1.5"])
+    assert "--k: 9 must be" in _mistake(capsys, ["--ckpt", ck, "--prompts", str(prompts), "--k", "9"])
     assert "--k goes with --ckpt" in _mistake(capsys, ["--responses", str(responses), "--k", "3"])
     assert "give one of" in _mistake(capsys, ["--ckpt", ck, "--responses", str(responses)])
     assert "give one of" in _mistake(capsys, [])
@@ -237,7 +250,8 @@ def test_a_non_loopback_host_needs_the_printed_token(files):
         srv.stop()
 
 
-def test_agreement_over_two_annotators(tmp_path, capsys):
+def test_agreement_over_two_annotators(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(LabelServer, "serve_forever", _SERVE_FOREVER)  # this test serves on purpose
     items = [Item(f"prompt {i}?", ("a", "b", "c")) for i in range(4)]
     out = tmp_path / "labels.jsonl"
     with running(out, items, overlap=0.5, seed=1) as server:
@@ -256,3 +270,229 @@ def test_agreement_over_two_annotators(tmp_path, capsys):
     assert "2 prompts judged by two or more annotators (2 annotators)" in printed
     assert f"pairwise agreement {4 / 6:.3f} over 6 response pairs" in printed
     assert f"Kendall's tau-b {1 / 3:.3f}" in printed
+
+
+# ---- in-process runs: the server serves while `act` runs, then stops as Ctrl-C stops it ----
+
+_SERVE_FOREVER = LabelServer.serve_forever
+
+
+def _run(monkeypatch, argv, act=None) -> int:
+    """`main(["label", "--port", "0", *argv])` with the server stopped once `act(client)` returns."""
+    real = _SERVE_FOREVER
+
+    def serve(self, poll_interval=0.5):
+        thread = threading.Thread(target=real, args=(self,), daemon=True)
+        thread.start()
+        try:
+            if act is not None:
+                act(Client(self))
+        finally:
+            self.shutdown()
+            thread.join()
+    monkeypatch.setattr(LabelServer, "serve_forever", serve)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave pytest's SIGTERM alone
+    return main(["label", "--port", "0", *argv])
+
+
+@pytest.fixture
+def fake_sampling(monkeypatch):
+    """sampling.sample without a model: "<prompt> #j" texts; each call's arguments are kept."""
+    calls = []
+
+    def sample(ckpt, prompts, *, n, **kw):
+        calls.append({"ckpt": ckpt, "prompts": prompts, "n": n, **kw})
+        return [[f"{p} #{j}" for j in range(n)] for p in prompts]
+    monkeypatch.setattr(sampling, "sample", sample)
+    return calls
+
+
+def _judge_first(c: Client) -> None:
+    view = c.next()
+    k = len(view["item"]["responses"])
+    assert c.post("/api/judge", {"item": view["item"]["id"], "ranking": list(range(k))})[0] == 200
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"), ("--temperature", "-inf"),
+    ("--max-new-tokens", "0"), ("--max-new-tokens", "1.5"), ("--batch-size", "0"), ("--k", "1"), ("--k", "9"),
+    ("--overlap", "nan"), ("--overlap", "-0.1"), ("--overlap", "inf"), ("--port", "70000"), ("--port", "-1"),
+    ("--seed", "-1"),
+])
+def test_every_numeric_option_has_its_range_and_a_line_naming_it(files, tiny_ckpt, capsys, no_sampling, option,
+                                                                  value):
+    d, prompts, _ = files
+    err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(d / "l.jsonl"),
+                            "--port", "0", f"{option}={value}"])
+    assert f"argument {option}: " in err and value in err
+    others = {"--temperature", "--max-new-tokens", "--batch-size", "--k", "--overlap", "--port", "--seed"} - {option}
+    assert not any(o in err for o in others), err
+    assert not (d / "l.jsonl").exists()
+
+
+def test_a_responses_file_gets_the_checks_of_every_data_file(files, capsys, monkeypatch):
+    d, _, responses = files
+    surrogate = d / "surrogate.jsonl"
+    surrogate.write_text('{"prompt": "p", "responses": ["a", "b"]}\n{"prompt": "q", "responses": ["a", "\\ud83e"]}\n')
+    err = _mistake(capsys, ["--responses", str(surrogate), "--port", "0"])
+    assert "surrogate.jsonl:2: responses[1]: not valid Unicode" in err
+    twice = d / "twice.jsonl"
+    twice.write_text('{"prompt": "p", "responses": ["a", "b"], "prompt": "q"}\n')
+    assert "twice.jsonl:1: prompt: given twice" in _mistake(capsys, ["--responses", str(twice), "--port", "0"])
+    nine = d / "nine.jsonl"
+    nine.write_text(json.dumps({"prompt": "p", "responses": list("abcdefghi")}) + "\n")
+    err = _mistake(capsys, ["--responses", str(nine), "--port", "0"])
+    assert "nine.jsonl:1: responses: 9 given, expected 2 to 8" in err
+    # gzip, as every reader takes it, and a conversation prompt
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Lima?"}]
+    gz = d / "responses.jsonl.gz"
+    gz.write_bytes(gzip.compress(responses.read_bytes() + json.dumps({"prompt": chat, "responses": ["Peru", "Chile"]})
+                                 .encode() + b"\n"))
+    seen = []
+
+    def act(c):
+        view = c.next()
+        while view["item"]:
+            seen.append(view["item"]["prompt"])
+            status, view = c.post("/api/skip", {"item": view["item"]["id"]})
+    assert _run(monkeypatch, ["--responses", str(gz), "--out", str(d / "gz.jsonl")], act) == 0
+    assert seen == PROMPTS + [chat]
+    assert [r["prompt"] for r in read_rows(d / "gz.jsonl")] == PROMPTS + [chat]
+
+
+def _long_prompts(d: Path, tokenizer, at_least: int) -> tuple[Path, int]:
+    """A prompts file whose third line is a prompt of at least `at_least` tokens; (file, its tokens)."""
+    long = "Tell me about the fox"
+    while len(tokenizer.prompt_ids(long)) < at_least:
+        long += " and the owl"
+    return _write(d / "long.jsonl", [{"prompt": p} for p in PROMPTS[:2] + [long] + PROMPTS[2:]]), \
+        len(tokenizer.prompt_ids(long))
+
+
+def test_a_prompt_over_its_token_budget_is_named_before_sampling(files, tiny_ckpt, capsys, no_sampling):
+    from minirlhf import checkpoint
+
+    d, _, _ = files
+    tokenizer, L = checkpoint.load_tokenizer(tiny_ckpt), checkpoint.read_meta(tiny_ckpt)["model"]["max_seq_len"]
+    prompts, n = _long_prompts(d, tokenizer, L - 8)
+    out = d / "labels.jsonl"
+    err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--max-new-tokens", "8",
+                            "--out", str(out), "--port", "0"])
+    assert f"long.jsonl:3: prompt: {n} tokens, but model.max_seq_len={L}" in err
+    assert f"leaves {L - 8 - 1} for a prompt next to --max-new-tokens=8" in err
+    # with the default --max-new-tokens, a prompt that leaves no room at all
+    prompts, n = _long_prompts(d, tokenizer, L)
+    err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--port", "0"])
+    assert f"long.jsonl:3: prompt: {n} tokens, but model.max_seq_len={L}" in err and "leaves no room" in err
+    err = _mistake(capsys, ["--compare", str(tiny_ckpt), str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out),
+                            "--port", "0"])
+    assert f"long.jsonl:3: prompt: {n} tokens" in err
+    assert not out.exists()
+
+
+def test_the_readme_command_works_on_a_tiny_checkpoint(files, tiny_ckpt, capsys, monkeypatch):
+    """`label --ckpt CKPT --prompts FILE --k 4 --out labels.jsonl` with the default --max-new-tokens,
+    a checkpoint of 96 tokens and a prompt of 50 (the tiny task's own prompts reach 50): the
+    default shrinks to what the longest prompt leaves, and says so; real sampling."""
+    from minirlhf import checkpoint
+
+    d, _, _ = files
+    tokenizer, L = checkpoint.load_tokenizer(tiny_ckpt), checkpoint.read_meta(tiny_ckpt)["model"]["max_seq_len"]
+    prompts, n = _long_prompts(d, tokenizer, 50)
+    assert n + 48 > L  # what the default of 48 tokens could not hold
+    monkeypatch.chdir(d)
+    got = []
+
+    def act(c):
+        view = c.next()
+        got.append(view["item"]["responses"])
+        _judge_first(c)
+    assert _run(monkeypatch, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--k", "4", "--out",
+                              "labels.jsonl"], act) == 0
+    printed = capsys.readouterr().out
+    assert f"--max-new-tokens {L - 1 - n}: the default 48 less what the longest prompt (" in printed
+    assert f"long.jsonl:3, {n} tokens)" in printed
+    assert f"x 4 responses from {tiny_ckpt} (stage pretrain)" in printed
+    assert len(got[0]) == 4 and len(read_rows(d / "labels.jsonl")) == 1
+
+
+def test_sampling_uses_the_budget_it_checked(files, tiny_ckpt, monkeypatch, fake_sampling):
+    from minirlhf import checkpoint
+
+    d, _, _ = files
+    tokenizer, L = checkpoint.load_tokenizer(tiny_ckpt), checkpoint.read_meta(tiny_ckpt)["model"]["max_seq_len"]
+    prompts, n = _long_prompts(d, tokenizer, 60)
+    assert _run(monkeypatch, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(d / "a.jsonl")]) == 0
+    assert _run(monkeypatch, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(d / "b.jsonl"),
+                              "--max-new-tokens", "20"]) == 0
+    assert [c["max_new_tokens"] for c in fake_sampling] == [L - 1 - n, 20]
+
+
+def test_a_reward_model_checkpoint_is_refused(files, tiny_ckpt, capsys, no_sampling, tmp_path):
+    d, prompts, _ = files
+    rm = tmp_path / "run" / "rm"
+    shutil.copytree(tiny_ckpt, rm)
+    meta = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**meta, "stage": "rm"}))
+    err = _mistake(capsys, ["--ckpt", str(rm), "--prompts", str(prompts)])
+    assert f"{rm}: a reward model's checkpoint (stage rm)" in err
+    assert "(stage rm)" in _mistake(capsys, ["--compare", str(tiny_ckpt), str(rm), "--prompts", str(prompts)])
+
+
+def test_a_port_in_use_or_any_refusal_leaves_out_as_it_was(files, tiny_ckpt, capsys, no_sampling):
+    d, prompts, responses = files
+    out = d / "new.jsonl"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv in (["--ckpt", str(tiny_ckpt), "--prompts", str(prompts)], ["--responses", str(responses)]):
+            assert "address already in use" in _mistake(capsys, [*argv, "--out", str(out), "--port", port])
+            assert not out.exists()
+
+
+def test_a_file_that_is_not_a_labels_file_is_refused_untouched(files, capsys):
+    d, _, responses = files
+    notes = d / "notes.txt"
+    notes.write_bytes(b"my notes, one line without its newline")
+    err = _mistake(capsys, ["--responses", str(responses), "--out", str(notes), "--port", "0"])
+    assert "notes.txt:1: row: an unfinished last line that `label` did not write" in err
+    assert notes.read_bytes() == b"my notes, one line without its newline"
+
+
+def test_compare_continues_with_the_checkpoints_spelt_another_way(files, tiny_ckpt, monkeypatch, fake_sampling,
+                                                                   capsys):
+    d, prompts, _ = files
+    monkeypatch.chdir(tiny_ckpt.parent)
+    rel = os.path.relpath(tiny_ckpt)
+    out = str(d / "compare.jsonl")
+    assert _run(monkeypatch, ["--compare", rel, str(tiny_ckpt), "--prompts", str(prompts), "--out", out],
+                _judge_first) == 0
+    monkeypatch.chdir(d)
+    assert _run(monkeypatch, ["--compare", str(tiny_ckpt) + "/", str(tiny_ckpt.parent / "." / tiny_ckpt.name),
+                              "--prompts", str(prompts), "--out", out], _judge_first) == 0
+    assert "2 of 4 judgements in" in capsys.readouterr().out
+    assert [r["models"] for r in read_rows(Path(out))] == [[str(tiny_ckpt)] * 2] * 2
+
+
+def test_a_rerun_with_another_k_says_judged_prompts_keep_theirs(files, tiny_ckpt, monkeypatch, fake_sampling, capsys):
+    d, prompts, _ = files
+    out = str(d / "labels.jsonl")
+    argv = ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", out]
+    assert _run(monkeypatch, [*argv, "--k", "2"], _judge_first) == 0
+    capsys.readouterr()
+    assert _run(monkeypatch, [*argv, "--k", "3"], _judge_first) == 0
+    printed = capsys.readouterr().out
+    assert "--k 3: 1 of 4 prompts were judged by an earlier run on 2 responses and keep them" in printed
+    assert [len(r["responses"]) for r in read_rows(Path(out))] == [2, 3]
+    assert [c["n"] for c in fake_sampling] == [2, 3] and len(fake_sampling[1]["prompts"]) == 3
+
+
+def test_agreement_reads_gzip_and_conversations(tmp_path, capsys):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Lima?"}]
+    rows = [{"prompt": chat, "responses": ["a", "b", "c"], "ranking": r, "annotator": who}
+            for r, who in (([0, 1, 2], "ann-one-1"), ([1, 0, 2], "ann-two-2"))]
+    gz = tmp_path / "labels.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert main(["label", "--agreement", str(gz)]) == 0
+    assert f"pairwise agreement {2 / 3:.3f} over 3 response pairs" in capsys.readouterr().out

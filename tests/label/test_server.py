@@ -3,7 +3,9 @@ concurrent sessions and --overlap, access control, and bad requests that change 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import threading
 
 import pytest
@@ -282,7 +284,7 @@ def test_bad_requests_get_400_and_change_nothing(tmp_path):
                      "/labels.jsonl", "//etc/passwd", "/static/label.js/../../cli.py"):
             assert a.raw("GET", path)[0] == 404, path
         assert a.post("/api/nothing")[0] == 404
-        assert a.raw("PUT", "/api/judge", j)[0] == 501
+        assert a.raw("PUT", "/api/judge", j)[0] == 405
         assert out.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.jsonl"]
         # ...and the session is still where it was
@@ -321,3 +323,150 @@ def test_every_static_file_ships_as_package_data():
     assert {"static/index.html", "static/label.js", "static/label.css"} <= set(files)
     for f in files:
         assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f
+
+
+# ---- a wrong --out is never touched; a symlinked one stays a link ----
+
+_LABEL_ROW = {"prompt": ITEMS[0].prompt, "responses": list(ITEMS[0].responses), "ranking": [0, 1, 2], "item": 0,
+              "annotator": "someone-else", "shown": [2, 0, 1]}
+
+
+@pytest.mark.parametrize("data", [
+    struct.pack("<Q", 30) + b'{"__metadata__":{"a":"b"}}    ' + bytes(range(256)) * 3,  # a model.safetensors
+    b"notes: buy milk\nand eggs",                                  # text without its last newline
+    b"one line, no newline",
+    b'{"prompt": "x", "chosen": "a", "rejected": "b"}',             # a whole preference row, no newline
+    b'{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "y", "cho',  # ... cut short
+    b'{"prompt": "x"',                                              # the start of a row, and nothing else
+    json.dumps({**_LABEL_ROW, "prompt": "another run's"}).encode() + b'\n{"prompt": "Wh',  # label's, other prompts
+], ids=["safetensors", "notes", "one-line", "whole-row", "cut-row", "only-a-start", "other-run"])
+def test_a_file_that_is_not_this_runs_labels_is_refused_and_left_byte_for_byte(tmp_path, data):
+    out = tmp_path / "wrong.jsonl"
+    out.write_bytes(data)
+    with pytest.raises(ValueError, match=r"wrong.jsonl:\d+: "):
+        with running(out):
+            pass
+    assert out.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.jsonl"]
+
+
+def test_only_a_labels_file_is_repaired(tmp_path):
+    """The counterpart: a file `label` wrote, cut mid-row or missing its last newline, is finished."""
+    out = tmp_path / "labels.jsonl"
+    row = json.dumps(_LABEL_ROW).encode()
+    out.write_bytes(row)  # the newline alone is missing: the row counts
+    with running(out) as server:
+        assert Client(server).next()["item"]["id"] == 1
+    assert out.read_bytes() == row + b"\n"
+    out.write_bytes(row + b'\n{"prompt": "Where is Li')
+    with running(out):
+        assert out.read_bytes() == row + b"\n"
+
+
+def test_undo_through_a_symlinked_out_rewrites_its_file_and_keeps_the_link(tmp_path):
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "labels-2024.jsonl"
+    link = tmp_path / "labels.jsonl"
+    link.symlink_to(target)
+    with running(link) as server:
+        c = Client(server)
+        view = c.next()
+        status, view = c.judge_by_text(view, list(view["item"]["responses"]))
+        status, view = c.judge_by_text(view, list(view["item"]["responses"]))
+        assert status == 200
+        status, view = c.post("/api/undo")
+        assert status == 200 and view["item"]["id"] == 1
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        assert [r["item"] for r in read_rows(target)] == [0]
+        status, view = c.judge_by_text(view, list(view["item"]["responses"]))  # after the undo: still the target
+        assert status == 200
+    assert link.is_symlink() and [r["item"] for r in read_rows(target)] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labels-2024.jsonl"]
+
+
+# ---- a rejected request changes nothing; every invalid one is a JSON 4xx, quietly ----
+
+def _state_of(server) -> tuple:
+    s = server.state
+    return (s.summary(), {sid: (list(x.rows), x.hold and (x.hold.item, list(x.hold.order)))
+                          for sid, x in s.sessions.items()}, [set(h) for h in s.holders])
+
+
+def test_rejected_requests_change_no_state(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        a = Client(server)
+        view = a.next()
+        a.judge_by_text(view, list(view["item"]["responses"]))
+        before, file_before = _state_of(server), out.read_bytes()
+        for n in range(50):  # made-up, well-formed session ids, each request wrong in its own way
+            sid = f"made-up-session-{n:03d}"
+            for path, body in [("/api/judge", {"session": sid, "item": 1, "ranking": [0, 1, 2, 3]}),
+                               ("/api/skip", {"session": sid, "item": 1}),
+                               ("/api/undo", {"session": sid}),
+                               ("/api/next", {"session": sid, "extra": 1})]:
+                status, err = Client(server).post(path, body)
+                assert status == 400 and err["error"], (path, body)
+        assert _state_of(server) == before and out.read_bytes() == file_before
+        assert server.state.summary()["sessions"] == 1
+
+
+def _raw_reply(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    status_line, _, rest = _raw_http(port, request).partition(b"\r\n")
+    head, _, body = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().split(": ", 1) for line in head.split(b"\r\n") if line)
+    return int(status_line.split()[1]), headers, body
+
+
+def test_malformed_requests_get_json_4xx_with_the_security_headers_and_a_quiet_terminal(tmp_path, capfd):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        a = Client(server)
+        view = a.next()
+        item, sid = view["item"]["id"], a.session
+        before = out.read_bytes()
+        host = f"Host: 127.0.0.1:{server.port}\r\n".encode()
+
+        def post(body: bytes, extra: bytes = b"") -> bytes:
+            return (b"POST /api/judge HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n" + extra
+                    + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+        session = f'{{"session": "{sid}", '.encode()
+        deep = b"[" * 5000 + b"]" * 5000
+        requests = {
+            "item 1.0": post(session + b'"item": ' + f"{item}.0".encode() + b', "ranking": [0, 1, 2]}'),
+            "item of 5000 digits": post(session + b'"item": ' + b"1" * 5000 + b', "ranking": [0, 1, 2]}'),
+            "nested too deeply": post(session + b'"item": ' + deep + b"}"),
+            "nested deep in a field": post(session + b'"item": ' + b"[" * 900 + b"]" * 900 + b"}"),
+            "a field name of 10 KB": post(session + b'"' + b"x" * 10000 + b'": 1}'),
+            "Content-Length of 5000 digits": (b"POST /api/judge HTTP/1.1\r\n" + host + b"Content-Type: "
+                                              b"application/json\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n"),
+            "Content-Length in other digits": (b"POST /api/judge HTTP/1.1\r\n" + host + b"Content-Type: "
+                                               b"application/json\r\nContent-Length: \xd9\xa3\r\n\r\n{}"),
+            "a request line it cannot parse": b"GET / HTTP/x.y\r\n\r\n",
+            "a header line too long": b"GET / HTTP/1.1\r\n" + host + b"X-Long: " + b"x" * 70000 + b"\r\n\r\n",
+        }
+        for method in ("PUT", "OPTIONS", "DELETE", "PATCH", "FOO", "get"):
+            requests[method] = f"{method} /api/judge HTTP/1.1\r\n".encode() + host + b"Content-Length: 0\r\n\r\n"
+        for what, request in requests.items():
+            status, headers, body = _raw_reply(server.port, request)
+            assert 400 <= status < 500, (what, status, body[:200])
+            assert headers["Content-Type"] == "application/json", what
+            assert json.loads(body)["error"], what
+            for k in ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options"):
+                assert k in headers, (what, k)
+        status, headers, body = _raw_reply(server.port, b"HEAD / HTTP/1.1\r\n" + host + b"\r\n")
+        assert status == 405 and body == b"" and headers["Allow"] == "GET, POST" and "X-Frame-Options" in headers
+        # every method passes the access checks first: a foreign Host is 403 whatever the method
+        for method in ("PUT", "OPTIONS", "HEAD"):
+            status, headers, _ = _raw_reply(server.port, f"{method} / HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode())
+            assert status == 403 and "Content-Security-Policy" in headers, method
+        # a client that goes away mid-body (here: resets the connection)
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(post(session + b'"item": 0, "ranking": [0, 1, 2]}')[:-20])
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert a.next()["item"] == view["item"]  # still serving, nothing changed
+        assert out.read_bytes() == before
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""

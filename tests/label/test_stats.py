@@ -89,3 +89,21 @@ def test_agreement_hand_worked():
     # tau-b: p = (2 - 1) / 3 = 1/3; q: scores (1, 2, 3) vs (1, 5, 5): 2 concordant, 1 tied in y -> 2 / sqrt(3 * 2)
     assert a["kendall_tau"] == pytest.approx((1 / 3 + 2 / math.sqrt(6)) / 2)
     assert a["kendall_tau_n"] == 2
+
+
+def test_agreement_over_conversation_prompts():
+    """A prompt may be a conversation (a list of messages): same turns, same prompt; one turn
+    different, another prompt. Hand-worked like the test above."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Lima?"}]
+    other = [chat[0], {"role": "user", "content": "Where is Quito?"}]
+    resp = ["a", "b", "c"]
+    rows = [
+        {"prompt": chat, "responses": resp, "ranking": [0, 1, 2], "annotator": "ann-one-1"},
+        {"prompt": [dict(m) for m in chat], "responses": resp, "ranking": [1, 0, 2], "annotator": "ann-two-2"},
+        {"prompt": other, "responses": resp, "ranking": [0, 1, 2], "annotator": "ann-two-2"},
+        {"prompt": "Where is Lima?", "responses": resp, "ranking": [2, 1, 0], "annotator": "ann-one-1"},
+    ]
+    a = agreement(rows)
+    # only `chat` was judged twice: (0,2) and (1,2) agree, (0,1) disagrees; tau-b = (2 - 1) / 3
+    assert a["prompts"] == 1 and (a["pairs"], a["tied_pairs"]) == (3, 0)
+    assert a["pairwise_agreement"] == pytest.approx(2 / 3) and a["kendall_tau"] == pytest.approx(1 / 3)

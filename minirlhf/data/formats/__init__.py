@@ -20,6 +20,7 @@ Row shapes (TRL's names where they exist; "messages" is an array of {"role", "co
                  {"prompt": P, "responses": [R] * K, "ranking": [int] * K}   best first
                  {"prompt": P, "responses": [R] * K, "ratings": [int] * K}   1..7, 7 best
                  with K = 2..9; any mix of shapes in one file.
+    responses    {"prompt": P, "responses": [R] * K}       still to be judged (`label --responses`)
 
     P  a non-blank string, or messages ending with a user turn
     R  a string, or (TRL's conversational form) [{"role": "assistant", "content": str}]
@@ -58,10 +59,10 @@ wrong`, where field is the path to the value (`messages[3].role`, `ratings[1]`) 
 from .chat import ROLES, Message, Prompt, as_messages
 from .jsonl import DataError, write_jsonl
 from .readers import (K_MAX, K_MIN, RATING_MAX, RATING_MIN, Comparison, pairs_from_ranking, pairs_from_ratings,
-                      read_corpus, read_preferences, read_prompts, read_sft, row_lines)
+                      read_corpus, read_preferences, read_prompts, read_responses, read_sft, row_lines)
 
 __all__ = [
     "Comparison", "DataError", "K_MAX", "K_MIN", "Message", "Prompt", "RATING_MAX", "RATING_MIN", "ROLES",
     "as_messages", "pairs_from_ranking", "pairs_from_ratings", "read_corpus", "read_preferences", "read_prompts",
-    "read_sft", "row_lines", "write_jsonl",
+    "read_responses", "read_sft", "row_lines", "write_jsonl",
 ]

@@ -98,12 +98,12 @@ def _pair(row: Row) -> Comparison:
     return Comparison(prompt, [chosen[-1]["content"], rejected[-1]["content"]], [(0, 1)])
 
 
-def _responses(row: Row) -> list[str]:
+def _responses(row: Row, k_max: int = K_MAX) -> list[str]:
     value = row.get("responses")
     if not isinstance(value, list):
         raise row.error("responses", f"expected an array of responses, got {json_type(value)}")
-    if not K_MIN <= len(value) <= K_MAX:
-        raise row.error("responses", f"{len(value)} given, expected {K_MIN} to {K_MAX}")
+    if not K_MIN <= len(value) <= k_max:
+        raise row.error("responses", f"{len(value)} given, expected {K_MIN} to {k_max}")
     return [chat.response(row, f"responses[{i}]", r, empty_ok=True) for i, r in enumerate(value)]
 
 
@@ -129,6 +129,13 @@ def _comparison(row: Row) -> Comparison:
                 raise row.error(f"ratings[{i}]", f"{show(r)} is outside {RATING_MIN}..{RATING_MAX}")
         return Comparison(prompt, responses, pairs_from_ratings(ratings))
     raise row.error("ranking", "missing (with responses, give ranking or ratings)")
+
+
+def read_responses(path: str | os.PathLike, k_max: int = K_MAX) -> list[tuple[Prompt, list[str]]]:
+    """(prompt, responses) of responses still to be judged: rows {"prompt": P, "responses": [R] * K},
+    the ranking shape without its ranking (a ranking or ratings, if given, are ignored), with
+    K = 2..k_max (k_max <= K_MAX). Raises DataError."""
+    return [(chat.prompt(row), _responses(row, k_max)) for row in rows(path)]
 
 
 def read_preferences(path: str | os.PathLike) -> list[Comparison]:

@@ -3,7 +3,12 @@
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
+  // The session id (this browser's annotator id) lives in a cookie: cookies ignore the port, so a
+  // browser that comes back to a server restarted on another port keeps its session and its undo
+  // history (localStorage, where older pages kept it, is per origin: per port).
+  const SESSION_COOKIE = "minirlhf_label_session";
   const SESSION_KEY = "minirlhf-label-session";
+  const ROLE_NAMES = {system: "System", user: "User", assistant: "Assistant"};
   let view = null;     // the server's last answer: {session, mode, item, progress, can_undo, result?}
   let picked = [];     // display positions, best first
   let tied = [];       // tied[i]: picked[i] is as good as picked[i - 1] (tied[0] unused)
@@ -12,8 +17,22 @@
 
   // ---- server ----
 
+  function getSession() {
+    for (const part of document.cookie.split(";")) {
+      const [name, value] = part.trim().split("=");
+      if (name === SESSION_COOKIE && value) return value;
+    }
+    return localStorage.getItem(SESSION_KEY);
+  }
+
+  function setSession(session) {
+    const age = session ? 365 * 24 * 3600 : 0;
+    document.cookie = `${SESSION_COOKIE}=${session || ""}; Path=/; Max-Age=${age}; SameSite=Strict`;
+    localStorage.removeItem(SESSION_KEY);
+  }
+
   async function api(path, body) {
-    const session = localStorage.getItem(SESSION_KEY);
+    const session = getSession();
     const r = await fetch(path, {
       method: "POST", headers: {"Content-Type": "application/json"}, credentials: "same-origin",
       body: JSON.stringify(session ? {session, ...body} : body),
@@ -34,7 +53,7 @@
     } catch (e) {
       status(e.message, true);
       try {  // the server restarted, or the prompt went elsewhere: show where things stand now
-        if (path === "/api/next") localStorage.removeItem(SESSION_KEY);
+        if (path === "/api/next") setSession(null);
         show(await api("/api/next", {}));
       } catch (e2) { /* keep the error shown */ }
     } finally {
@@ -235,6 +254,23 @@
 
   function pct(x) { return `${(100 * x).toFixed(1)}%`; }
 
+  // a prompt is a string, or a conversation: [{role, content}, ...] ending with the user's turn
+  function renderPrompt(prompt) {
+    const box = $("prompt");
+    if (typeof prompt === "string") {
+      box.classList.remove("conversation");
+      box.textContent = prompt;
+      return;
+    }
+    box.classList.add("conversation");
+    box.replaceChildren(...prompt.map((m) => {
+      const turn = el("div", "turn");
+      turn.dataset.role = Object.hasOwn(ROLE_NAMES, m.role) ? m.role : "other";
+      turn.append(el("span", "role", ROLE_NAMES[m.role] || String(m.role)), el("div", "text", String(m.content)));
+      return turn;
+    }));
+  }
+
   function renderDone() {
     const p = view.progress;
     $("done-text").textContent = p.done >= p.total
@@ -278,7 +314,7 @@
     $("help-rank").hidden = compare;
     $("help-compare").hidden = !compare;
     if (!item) { renderDone(); return; }
-    $("prompt").textContent = item.prompt;
+    renderPrompt(item.prompt);
     if (compare) {
       $("left").textContent = item.responses[0];
       $("right").textContent = item.responses[1];
@@ -289,7 +325,7 @@
 
   function show(v) {
     view = v;
-    localStorage.setItem(SESSION_KEY, v.session);
+    setSession(v.session);
     picked = [];
     tied = [];
     render();
