@@ -63,12 +63,10 @@ Conventions
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import os
 import platform
 import re
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +75,7 @@ import pytest
 import torch
 
 from minirlhf.bench_report import comparisons
+from minirlhf.memory import peak_allocated_bytes
 
 BENCH_DIR = Path(__file__).resolve().parent
 REQUIRE_CUDA = os.environ.get("MINIRLHF_REQUIRE_CUDA", "0") == "1"
@@ -215,25 +214,7 @@ def sync():
 
 def peak_bytes(fn) -> int:
     """High-water mark of the allocator while fn() runs, above what was live before it."""
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated() - base)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    # "Total Allocated" is the CPU allocator's running total since the profiler started.
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    return int(max([0, *totals]))
+    return peak_allocated_bytes(fn, DEVICE)
 
 
 def measure(benchmark, fn, *, group: str, impl: str, ours: bool, memory: bool = True,

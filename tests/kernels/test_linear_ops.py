@@ -1,8 +1,5 @@
 """linear_token_logprobs / linear_ppo_loss against the reference on hidden @ weight.T."""
 
-import json
-import os
-import tempfile
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from kernels import linear_ppo_loss, linear_token_logprobs
 from kernels.linear import default_chunk_size
 from kernels.logprobs import token_logprobs_reference
 from kernels.ppo import ppo_loss_reference
+from minirlhf.memory import peak_allocated_bytes
 
 
 def rand_linear(shape, H, V, dtype=torch.float32, seed=0, ignore_frac=0.2):
@@ -168,18 +166,6 @@ def test_default_chunk_size():
 # --------------------------------------------------------------------------- memory
 
 
-def peak_extra_bytes(fn):
-    """High-water mark of the torch CPU allocator during fn, above what was live before."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "t.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"])
-
-
 def test_linear_peak_memory_is_per_chunk():
     N, H, V, chunk = 512, 16, 2000, 32
     h, w, labels, old, adv, ref, mask = rand_linear((N,), H, V)
@@ -194,7 +180,7 @@ def test_linear_peak_memory_is_per_chunk():
         linear_token_logprobs(a, b, labels, 1.0, True, chunk_size=chunk)[0].sum().backward()
 
     for fn in (run_ppo, run_logprobs):
-        peak = peak_extra_bytes(fn)
+        peak = peak_allocated_bytes(fn)
         # gradients of h and w plus a few chunk x V temporaries; the full logits would be 8 MB
         assert peak < 8 * chunk * V * 4 + 3 * (N + V) * H * 4 + 64 * N * 4, peak
         assert peak < full_logits / 2
@@ -216,7 +202,7 @@ def test_default_chunk_peak_memory_is_within_the_budget(monkeypatch):
     leaves_ = (N + V) * H * 4  # the clones run() makes of h and w
     budget = 2 * V * H * 4 + N * H * 4
     small = 8 * kernels._rows.CHUNK_ELEMENTS * 4 + 64 * N * 4
-    assert peak_extra_bytes(run) < leaves_ + budget + small
+    assert peak_allocated_bytes(run) < leaves_ + budget + small
 
 
 def test_token_path_peak_memory_is_the_gradient_plus_chunks():
@@ -231,5 +217,5 @@ def test_token_path_peak_memory_is_the_gradient_plus_chunks():
 
     clone_and_grad = 2 * N * V * 4
     with kernels._dispatch.force_backend("torch"):
-        peak = peak_extra_bytes(run)
+        peak = peak_allocated_bytes(run)
     assert peak < clone_and_grad + 8 * kernels._rows.CHUNK_ELEMENTS * 4 + 64 * N * 4, peak
