@@ -288,7 +288,12 @@ def adopt_model(cfg: RunConfig, run_dir: Path, ckpts: dict, max_seq_len: int | N
             raise ValueError(f"{d}: {label} has model.max_seq_len={other.max_seq_len}, vocab_size="
                              f"{other.vocab_size}; {first_label} ({first}) has {shape.max_seq_len}, "
                              f"{shape.vocab_size}: both must come from the same base model")
-    cfg = dataclasses.replace(cfg, model=shape)
+    # pretraining never runs on an adopted model: its window only has to fit the adopted context
+    pretrain = dataclasses.replace(cfg.pretrain, seq_len=min(cfg.pretrain.seq_len, shape.max_seq_len))
+    try:
+        cfg = dataclasses.replace(cfg, model=shape, pretrain=pretrain)
+    except ValueError as e:  # a stage's budget that the adopted context cannot hold
+        raise ValueError(f"{first}: {first_label} has model.max_seq_len={shape.max_seq_len}; {e}") from None
     if distributed.is_main():
         from .config import to_dict
 

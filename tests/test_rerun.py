@@ -194,3 +194,23 @@ def test_long_demonstrations_are_said_to_be_cut(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "12 demonstration(s) longer than model.max_seq_len=96 are cut on the left" in err
     assert "2 of them lose the start of a response" in err
+
+
+def test_a_stage_from_a_checkpoint_of_another_preset(tiny_run, tmp_path, capsys):
+    """`rm --from` a tiny checkpoint under the default (quick) preset: pretraining does not run,
+    so quick's pretrain.seq_len=128 beyond the checkpoint's 96 is no reason to refuse; a budget of
+    a stage that does run and cannot fit is refused naming the checkpoint."""
+    run = tiny_run[0]
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"What does the owl {i} eat?", "chosen": "The owl eats mice.", "rejected": "Lima."}
+            for i in range(20)]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "mine"
+    assert main(["rm", "--from", str(run / "sft"), "--data.preferences", str(prefs), "--out", str(out),
+                 "--rm.epochs", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["max_seq_len"] == 96
+    capsys.readouterr()
+    assert main(["rm", "--from", str(run / "sft"), "--data.preferences", str(prefs), "--out", str(tmp_path / "b"),
+                 "--rm.max_new_tokens", "100"]) == 2
+    line = _one_line(capsys)
+    assert f"{run / 'sft'}: --from has model.max_seq_len=96" in line and "rm.max_new_tokens=100" in line, line
