@@ -187,7 +187,8 @@ def no_file_in_the_way(path: Path, what: str = "--out") -> None:
     checked before anything is created, so that nothing is made for a run that cannot be made."""
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
-            raise ValueError(f"{what} {path}: cannot make this directory ({p} is a file in the way)")
+            where = "" if p == path else f": {p}"
+            raise ValueError(f"{what} {path}: cannot make this directory (a file is in the way{where})")
         if p.exists():
             return
 

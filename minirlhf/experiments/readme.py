@@ -164,6 +164,8 @@ def render(out: Path, images: Path | None = None, image_prefix: str | None = Non
     docs = load(out)
     if not docs:
         raise ValueError(f"{out}: no experiment.json under it; run `python -m minirlhf experiment all` first")
+    if images:
+        make_dir(images, "--images")
     reports = {}
     for name, doc in docs.items():  # every number read before anything is drawn: one line naming the file
         try:
@@ -177,7 +179,6 @@ def render(out: Path, images: Path | None = None, image_prefix: str | None = Non
     shown: set[str] = set()
     overopt = None
     if images:
-        make_dir(images, "--images")
         overopt = overoptimisation_figure(docs, images / "overoptimisation.png")
     for name, heading, qi, hint in SECTIONS:
         if name not in docs:

@@ -154,11 +154,12 @@ def options_text(options: dict) -> str:
 
 
 def setting_text(preset: str, smoke: bool, options: dict) -> str:
-    """'Preset `tiny` (--smoke sizes; your options: --ppo.iterations 40)': what the arms ran with."""
+    """What the arms ran with: 'Preset `tiny`, --smoke sizes except --ppo.iterations 40',
+    'Preset `quick` with --ppo.kl_coef 0.1', 'Preset `tiny`, --smoke sizes'."""
     own = options_text(options)
-    notes = ([f"--smoke sizes{' except where your options say otherwise' if own else ''}"] if smoke else []) + \
-        ([f"your options: {own}"] if own else [])
-    return f"Preset `{preset}`" + (f" ({'; '.join(notes)})" if notes else "")
+    if smoke:
+        return f"Preset `{preset}`, --smoke sizes" + (f" except {own}" if own else "")
+    return f"Preset `{preset}`" + (f" with {own}" if own else "")
 
 
 def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: RunConfig, *, preset: str,
