@@ -66,11 +66,11 @@ def require(path: Path, obj: dict, fields: dict, where: str = "") -> None:
     """ValueError `path: field F: ...` unless obj has each field of `fields` ({name: type or tuple})."""
     for name, kind in fields.items():
         if name not in obj:
-            raise ValueError(f"{path}: field {where}{name!r} missing")
+            raise ValueError(f"{path}: field '{where}{name}' missing")
         v = obj[name]
         if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
             want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise ValueError(f"{path}: field {where}{name!r}: expected {want}, got {type(v).__name__}")
+            raise ValueError(f"{path}: field '{where}{name}': expected {want}, got {type(v).__name__}")
 
 
 # what a finished arm's arm.json must hold (older ones may lack measured_with / processes)

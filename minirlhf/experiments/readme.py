@@ -172,8 +172,8 @@ def render(out: Path, images: Path | None = None, image_prefix: str | None = Non
             reports[name] = EXPERIMENTS[name].report(doc["arms"], _options(doc, out))
             overoptimisation_series({name: doc})
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
-            what = f"field {e.args[0]!r} missing" if isinstance(e, KeyError) and e.args else f"unexpected content ({e})"
-            raise ValueError(f"{out / name / 'experiment.json'}: an arm's numbers: {what}") from None
+            what = f"lack {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"hold what it cannot read ({e})"
+            raise ValueError(f"{out / name / 'experiment.json'}: the arms or their numbers {what}") from None
     prefix = image_prefix or (str(images) if images else "")
     lines = header(docs, out)
     shown: set[str] = set()
