@@ -177,8 +177,8 @@ def test_all_with_a_file_in_the_way_of_a_later_experiment_creates_nothing(tmp_pa
     ("0", "--ppo.kl_coef 0: kl-sweep runs β = 0, β/10, β and 5β, which need β > 0"),
     ("5e-324", "need β > 0 (β/10 > 0 too)"),
     ("1e300", "--ppo.kl_coef 1e+300: the experiments take a finite β of at most 100"),
-    ("inf", "config: ppo.kl_coef=inf: must be a finite number >= 0"),
-    ("nan", "config: ppo.kl_coef=nan: must be a finite number >= 0"),
+    ("inf", "config: ppo.kl_coef=inf: must be >= 0 and finite"),
+    ("nan", "config: ppo.kl_coef=nan: must be >= 0 and finite"),
 ])
 def test_a_beta_the_sweep_cannot_spread_is_refused(tmp_path, capsys, no_compute, beta, needle):
     out = tmp_path / "exp"
