@@ -43,8 +43,10 @@ def check_range(name: str, value, rng: dict, may_be_none: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    bad = (isinstance(value, float) and not math.isfinite(value)
-           or ("ge" in rng and not value >= rng["ge"]) or ("gt" in rng and not value > rng["gt"])
+    if isinstance(value, float) and not math.isfinite(value):
+        rule = describe_range(rng)
+        raise ValueError(f"config: {name}={value!r}: must be " + (f"{rule} and finite" if rule != "any value" else "finite"))
+    bad = (("ge" in rng and not value >= rng["ge"]) or ("gt" in rng and not value > rng["gt"])
            or ("le" in rng and not value <= rng["le"]) or ("lt" in rng and not value < rng["lt"]))
     if bad:
         raise ValueError(f"config: {name}={value!r}: must be {describe_range(rng)}")

@@ -29,8 +29,9 @@ from typing import Callable
 
 from .. import checkpoint, distributed
 from ..config import RunConfig, to_dict
+from ..interop.files import read_json_object
 from ..metrics import METRICS_FILE
-from ..pipeline import STAGE_FIELDS, stage_output, stages_of
+from ..pipeline import STAGE_FIELDS, STAGES_FILE, stage_output, stages_of
 from ..pipeline import stage_keys as pipeline_stage_keys
 
 ARM_FILE, PREFIX_FILE, CONFIG_FILE = "arm.json", "prefix.json", "config.json"
@@ -45,17 +46,70 @@ class Arm:
 
     @property
     def dirname(self) -> str:
-        slug = "".join(c if c.isalnum() or c in ".-_" else "-" for c in self.variant)
+        """<variant>-s<seed>: '=' and other signs become '-', but '+' becomes 'p' (1e+299 -> 1ep299,
+        never the 1e-299 of another variant); run_experiment refuses arms whose directories coincide."""
+        slug = "".join(c if c.isalnum() or c in ".-_" else "p" if c == "+" else "-" for c in self.variant)
         return f"{slug}-s{self.seed}"
+
+
+def read_object(path: Path) -> dict:
+    """A JSON object file of an experiment (config.json, arm.json, experiment.json, ...); ValueError
+    in one line naming the file: unreadable (a directory, no permission), not UTF-8, not JSON, not
+    an object."""
+    try:
+        return read_json_object(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def require(path: Path, obj: dict, fields: dict, where: str = "") -> None:
+    """ValueError `path: field F: ...` unless obj has each field of `fields` ({name: type or tuple})."""
+    for name, kind in fields.items():
+        if name not in obj:
+            raise ValueError(f"{path}: field '{where}{name}' missing")
+        v = obj[name]
+        if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+            want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"{path}: field '{where}{name}': expected {want}, got {type(v).__name__}")
+
+
+# what a finished arm's arm.json must hold (older ones may lack measured_with / processes)
+ARM_FIELDS = {"variant": str, "seed": int, "params": dict, "dir": str, "numbers": dict, "wall_s": (int, float)}
+
+
+def portable(d: dict, arm_dir: Path) -> dict:
+    """A config dict (to_dict) with a data.preferences that lies in an arm's directory (iterate's
+    merged comparisons) written relative to the experiments' directory (NAME/arms/ARM/FILE), so
+    that config.json and the stage keys do not change when that directory is moved or renamed.
+    A path recorded before the move is recognised by those last four parts."""
+    pref = (d.get("data") or {}).get("preferences") if isinstance(d.get("data"), dict) else None
+    if not isinstance(pref, str):
+        return d
+    parts = Path(pref).parts
+    mine = (arm_dir.parent.parent.name, "arms", arm_dir.name)
+    if len(parts) >= 4 and tuple(parts[-4:-1]) == mine:
+        return {**d, "data": {**d["data"], "preferences": "/".join(parts[-4:])}}
+    return d
 
 
 # an arm's stage is shared only with arms whose evaluation settings match too (its PPO run's gold curve)
 ARM_STAGE_FIELDS = {**STAGE_FIELDS, "ppo": STAGE_FIELDS["ppo"] + ("eval",)}
 
 
-def stage_keys(cfg: RunConfig) -> dict[str, str]:
-    """stage -> the key of its output in an arm (pipeline.stage_keys with ARM_STAGE_FIELDS)."""
-    return pipeline_stage_keys(cfg, ARM_STAGE_FIELDS)
+def stage_keys(cfg: RunConfig, arm_dir: Path | None = None) -> dict[str, str]:
+    """stage -> the key of its output in an arm (pipeline.stage_keys with ARM_STAGE_FIELDS); with
+    arm_dir, a data.preferences in that directory relative to the experiments' directory (portable)."""
+    keys = pipeline_stage_keys(cfg, ARM_STAGE_FIELDS)
+    if arm_dir is None:
+        return keys
+    return {s: _portable_key(k, arm_dir) for s, k in keys.items()}
+
+
+def _portable_key(key: dict, arm_dir: Path) -> dict:
+    if isinstance(key.get("data.preferences"), str):
+        rel = portable({"data": {"preferences": key["data.preferences"]}}, arm_dir)["data"]["preferences"]
+        return {**key, "data.preferences": rel}
+    return key
 
 
 def _finished(stage: str, out: Path) -> bool:
@@ -87,14 +141,14 @@ def link_shared_stages(cfg: RunConfig, arm_dir: Path, pool: Path) -> list[str]:
     """Hard-link into arm_dir the finished stages that another arm under `pool` already
     produced with the same keys (the donor sharing the longest run of stages), with their
     metrics rows and wall times. Returns the stages linked."""
-    keys = stage_keys(cfg)
+    keys = stage_keys(cfg, arm_dir)
     stages = stages_of(cfg)
     best: tuple[list[str], Path | None] = ([], None)
     for prefix in sorted(pool.glob(f"*/arms/*/{PREFIX_FILE}")):
         donor = prefix.parent
         if donor.resolve() == arm_dir.resolve():
             continue
-        theirs = json.loads(prefix.read_text())
+        theirs = read_object(prefix)
         shared = []
         for s in stages:
             if theirs.get(s) != keys[s] or not _finished(s, stage_output(s, donor)):
@@ -114,34 +168,102 @@ def link_shared_stages(cfg: RunConfig, arm_dir: Path, pool: Path) -> list[str]:
         linked.append(s)
     if linked:
         rows = [line for line in (donor / METRICS_FILE).read_text().splitlines()
-                if line.strip() and json.loads(line)["stage"] in linked] if (donor / METRICS_FILE).exists() else []
+                if line.strip() and _metrics_row(donor / METRICS_FILE, line).get("stage") in linked] \
+            if (donor / METRICS_FILE).exists() else []
         with open(arm_dir / METRICS_FILE, "a") as f:
             f.write("".join(r + "\n" for r in rows))
         donor_wall = donor / "wall_times.json"
         if donor_wall.exists():
             own = arm_dir / "wall_times.json"
-            wall = json.loads(own.read_text()) if own.exists() else {}
-            wall.update({s: v for s, v in json.loads(donor_wall.read_text()).items() if s in linked})
+            wall = read_object(own) if own.exists() else {}
+            wall.update({s: v for s, v in read_object(donor_wall).items() if s in linked})
             write_json(own, wall, indent=None)
         print(f"[experiment] {arm_dir.name}: reusing {', '.join(linked)} of {donor}")
     return linked
 
 
-def prepare_arm_dir(arm: Arm, arm_dir: Path) -> None:
-    """Create the arm's directory with its config.json and prefix.json; ValueError when the
-    directory holds a run of another configuration."""
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    mine = to_dict(arm.cfg)
+def no_file_in_the_way(path: Path, what: str = "--out") -> None:
+    """ValueError (one line) when path, or a folder above it, exists and is not a directory:
+    checked before anything is created, so that nothing is made for a run that cannot be made."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "" if p == path else f": {p}"
+            raise ValueError(f"{what} {path}: cannot make this directory (a file is in the way{where})")
+        if p.exists():
+            return
+
+
+def check_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
+    """Read-only: ValueError (one line naming the file) when arm_dir cannot be the arm's directory:
+    a file in its way, a config.json of another configuration, or a config.json / arm.json /
+    stages.json / prefix.json that is not a readable JSON object of the expected fields.
+    Returns the finished arm's record (arm.json), None when it has not finished."""
+    no_file_in_the_way(arm_dir)
+    if not arm_dir.exists():
+        return None
     path = arm_dir / CONFIG_FILE
     if path.exists():
-        theirs = json.loads(path.read_text())
-        if theirs != json.loads(json.dumps(mine)):
+        theirs = portable(read_object(path), arm_dir)
+        mine = portable(json.loads(json.dumps(to_dict(arm.cfg))), arm_dir)
+        if theirs != mine:
             diff = _first_difference(theirs, mine)
             raise ValueError(f"{path}: the arm's directory holds a run of another configuration ({diff}); use "
                              f"another --out, or delete {arm_dir} to run the arm again")
-    else:
-        write_json(path, mine)
-    write_json(arm_dir / PREFIX_FILE, stage_keys(arm.cfg))
+    for name in (PREFIX_FILE, STAGES_FILE, "wall_times.json"):
+        if (arm_dir / name).exists():
+            read_object(arm_dir / name)
+    done = arm_dir / ARM_FILE
+    if not done.exists():
+        return None
+    rec = read_object(done)
+    require(done, rec, ARM_FIELDS)
+    if "measured_with" in rec:
+        require(done, rec, {"measured_with": dict})
+    return rec
+
+
+def check_arms(arms: list[Arm], exp_dir: Path) -> None:
+    """Read-only, before any compute: ValueError (one line) when two arms would share a directory
+    (one run counted twice) or an arm's directory cannot be its own (check_arm_dir)."""
+    seen: dict[str, Arm] = {}
+    for arm in arms:
+        other = seen.setdefault(arm.dirname, arm)
+        if other is not arm:
+            raise ValueError(f"{exp_dir / 'arms' / arm.dirname}: arms {other.variant!r} and {arm.variant!r} (seed "
+                             f"{arm.seed}) would be one run counted twice; choose options that keep them apart")
+        check_arm_dir(arm, exp_dir / "arms" / arm.dirname)
+
+
+def _metrics_row(path: Path, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: a line that is not JSON ({e.msg})") from None
+    return row if isinstance(row, dict) else {}
+
+
+def prepare_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
+    """Create the arm's directory with its config.json and prefix.json; ValueError (check_arm_dir)
+    when it cannot be the arm's. A data.preferences recorded in the arm's stages.json at the
+    directory's former place (iterate's comparisons, the directory since moved) is brought to
+    its current path, so that the finished stages are kept. Returns check_arm_dir's record."""
+    rec = check_arm_dir(arm, arm_dir)
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    path = arm_dir / CONFIG_FILE
+    if not path.exists():
+        write_json(path, to_dict(arm.cfg))
+    write_json(arm_dir / PREFIX_FILE, stage_keys(arm.cfg, arm_dir))
+    stages, now = arm_dir / STAGES_FILE, arm.cfg.data.preferences
+    if now and stages.exists():
+        keys = read_object(stages)
+        rel = _portable_key({"data.preferences": now}, arm_dir)["data.preferences"]
+        moved = {s: {**k, "data.preferences": now} for s, k in keys.items()
+                 if isinstance(k, dict) and isinstance(k.get("data.preferences"), str)
+                 and k["data.preferences"] != now
+                 and _portable_key({"data.preferences": k["data.preferences"]}, arm_dir)["data.preferences"] == rel}
+        if moved:
+            write_json(stages, {**keys, **moved})
+    return rec
 
 
 def write_json(path: Path, obj, indent: int | None = 1) -> None:
@@ -188,6 +310,7 @@ def run_arms(name: str, arms: list[Arm], exp_dir: Path, pool: Path,
     Under torchrun: run and measure on every rank (they are collective); the arm's files read
     and written by rank 0 only, and every rank returns rank 0's records."""
     measured_with = measured_with or {}
+    distributed.on_main(check_arms, arms, exp_dir)  # every arm's directory, before any arm computes
     records, spent, ran = [], 0.0, 0
     t_start = time.time()
     for i, arm in enumerate(arms):
@@ -228,9 +351,7 @@ def run_arms(name: str, arms: list[Arm], exp_dir: Path, pool: Path,
 
 def _open_arm(arm: Arm, arm_dir: Path) -> dict | None:
     """prepare_arm_dir, then the finished arm's record (arm.json), or None when it has not finished."""
-    prepare_arm_dir(arm, arm_dir)
-    done = arm_dir / ARM_FILE
-    return json.loads(done.read_text()) if done.exists() else None
+    return prepare_arm_dir(arm, arm_dir)
 
 
 def _close_arm(done: Path, rec: dict) -> dict:

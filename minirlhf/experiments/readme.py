@@ -10,14 +10,19 @@ from the numbers. Nothing here measures anything.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..cli import make_dir
 from . import plots
 from .definitions import EXPERIMENTS, Options, best_of_n_stats, by_variant, final_point, gold_trajectory
-from .runner import arm_processes, link, processes_text
+from .arms import ARM_FIELDS, read_object, require
+from .runner import arm_processes, link, options_text, processes_text, setting_text
+
+# what the renderer reads of an experiment.json (runner._write_report writes it)
+DOC_FIELDS = {"experiment": str, "questions": list, "preset": str, "smoke": bool, "seeds": list, "device": str,
+              "machine": dict, "wall_s": (int, float), "arms": list}
+MACHINE_FIELDS = {"processor": str, "cpu_count": (int, type(None)), "torch": str, "torch_threads": int}
 
 SECTIONS = [  # (experiment, heading, the question it answers, what to read the answer from)
     ("sft-ablation", "1. Skipping SFT", 0,
@@ -37,12 +42,36 @@ SECTIONS = [  # (experiment, heading, the question it answers, what to read the 
 
 
 def load(out: Path) -> dict[str, dict]:
+    """experiment name -> its experiment.json under out; ValueError (one line naming the file and
+    the field) for a file that is unreadable, not a JSON object or lacks what the renderer reads."""
     docs = {}
     for name in EXPERIMENTS:
         path = out / name / "experiment.json"
-        if path.exists():
-            docs[name] = json.loads(path.read_text())
+        if path.exists() or path.is_symlink():
+            docs[name] = check_doc(path, read_object(path), name)
     return docs
+
+
+def check_doc(path: Path, doc: dict, name: str) -> dict:
+    """doc, once it has the fields the renderer reads (ValueError `path: field ...` otherwise)."""
+    require(path, doc, DOC_FIELDS)
+    if doc["experiment"] != name:
+        raise ValueError(f"{path}: field 'experiment': {doc['experiment']!r}, in the directory of {name}")
+    require(path, doc["machine"], MACHINE_FIELDS, "machine.")
+    if len(doc["questions"]) < len(EXPERIMENTS[name].questions):
+        raise ValueError(f"{path}: field 'questions': {len(doc['questions'])} of {name}'s "
+                         f"{len(EXPERIMENTS[name].questions)}")
+    if not doc["arms"]:
+        raise ValueError(f"{path}: field 'arms': no arm")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in doc["seeds"]):
+        raise ValueError(f"{path}: field 'seeds': expected a list of integers")
+    if not isinstance(doc.get("options", {}), dict):
+        raise ValueError(f"{path}: field 'options': expected dict, got {type(doc['options']).__name__}")
+    for i, arm in enumerate(doc["arms"]):
+        if not isinstance(arm, dict):
+            raise ValueError(f"{path}: field 'arms[{i}]': expected dict, got {type(arm).__name__}")
+        require(path, arm, {k: v for k, v in ARM_FIELDS.items() if k != "dir"}, f"arms[{i}].")
+    return doc
 
 
 def _options(doc: dict, out: Path) -> Options:
@@ -52,6 +81,15 @@ def _options(doc: dict, out: Path) -> Options:
 
 def overoptimisation_figure(docs: dict, path: Path) -> Path | None:
     """Gold against √KL: every kl-sweep arm over PPO (and its final evaluation) and best-of-n."""
+    series = overoptimisation_series(docs)
+    if not series:
+        return None
+    return plots.figure(path, [plots.Lines("gold against √KL to SFT: PPO (each β) and best-of-n",
+                                           "√KL to SFT (nats^½)", "gold (held-out)", series)])
+
+
+def overoptimisation_series(docs: dict) -> list:
+    """The overoptimisation figure's series (plots.Lines) of docs' kl-sweep and best-of-n."""
     series = []
     if "kl-sweep" in docs:
         for v, recs in by_variant(docs["kl-sweep"]["arms"]).items():
@@ -60,10 +98,7 @@ def overoptimisation_figure(docs: dict, path: Path) -> Path | None:
         bon = best_of_n_stats(docs["best-of-n"]["arms"])
         series.append(("best-of-n", [p["sqrt_kl"] for p in bon], [p["gold"]["mean"] for p in bon],
                        [p["gold"]["se"] for p in bon], "dashed"))
-    if not series:
-        return None
-    return plots.figure(path, [plots.Lines("gold against √KL to SFT: PPO (each β) and best-of-n",
-                                           "√KL to SFT (nats^½)", "gold (held-out)", series)])
+    return series
 
 
 def _machine(doc: dict) -> str:
@@ -73,7 +108,13 @@ def _machine(doc: dict) -> str:
 
 
 def _setting(doc: dict) -> str:
-    return f"preset `{doc['preset']}`{', --smoke sizes' if doc['smoke'] else ''}, seeds {_seeds(doc)}"
+    text = setting_text(doc["preset"], doc["smoke"], doc.get("options", {}))
+    return f"{text[0].lower()}{text[1:]}, seeds {_seeds(doc)}"
+
+
+def _own(doc: dict) -> str:
+    own = options_text(doc.get("options", {}))
+    return f" with {own}" if own else ""
 
 
 def _seeds(doc: dict) -> str:
@@ -107,7 +148,7 @@ def header(docs: dict[str, dict], out: Path) -> list[str]:
              f"Every number comes from `{out}/*/experiment.json`; each experiment's own report is "
              f"`{out}/NAME/experiment.md`.", ""]
     lines += ["| experiment | preset | seeds | processes | arms | arm time (min) |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {n} | {d['preset']}{' (smoke)' if d['smoke'] else ''} | {_seeds(d)} | {_procs(d)} | {len(d['arms'])} "
+    lines += [f"| {n} | {d['preset']}{' (smoke)' if d['smoke'] else ''}{_own(d)} | {_seeds(d)} | {_procs(d)} | {len(d['arms'])} "
               f"| {d['wall_s'] / 60:.1f} |" for n, d in docs.items()]
     if len(docs) > 1:
         lines.append(f"| all | | | | {sum(len(d['arms']) for d in docs.values())} | {total / 60:.1f} |")
@@ -123,12 +164,21 @@ def render(out: Path, images: Path | None = None, image_prefix: str | None = Non
     docs = load(out)
     if not docs:
         raise ValueError(f"{out}: no experiment.json under it; run `python -m minirlhf experiment all` first")
+    if images:
+        make_dir(images, "--images")
+    reports = {}
+    for name, doc in docs.items():  # every number read before anything is drawn: one line naming the file
+        try:
+            reports[name] = EXPERIMENTS[name].report(doc["arms"], _options(doc, out))
+            overoptimisation_series({name: doc})
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+            what = f"lack {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"hold what it cannot read ({e})"
+            raise ValueError(f"{out / name / 'experiment.json'}: the arms or their numbers {what}") from None
     prefix = image_prefix or (str(images) if images else "")
     lines = header(docs, out)
     shown: set[str] = set()
     overopt = None
     if images:
-        make_dir(images, "--images")
         overopt = overoptimisation_figure(docs, images / "overoptimisation.png")
     for name, heading, qi, hint in SECTIONS:
         if name not in docs:
@@ -139,7 +189,7 @@ def render(out: Path, images: Path | None = None, image_prefix: str | None = Non
             lines.append(f"The numbers are the `{name}` tables above.")
         else:
             shown.add(name)
-            md, _, panels = EXPERIMENTS[name].report(doc["arms"], _options(doc, out))
+            md, _, panels = reports[name]
             lines += md
             if images:
                 for fname, p in panels.items():

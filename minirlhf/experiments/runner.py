@@ -18,7 +18,7 @@ from .. import distributed
 from ..config import RunConfig, replace
 from ..device import resolve_device
 from . import plots
-from .arms import run_arms, write_json
+from .arms import check_arms, no_file_in_the_way, run_arms, write_json
 from .definitions import EXPERIMENTS, Options, by_variant, scalar_stats
 
 # `experiment all`: this order lets each experiment reuse the most finished stages of the ones before
@@ -51,6 +51,21 @@ def check_options(names, given) -> None:
                 also = "; run the other experiments by name to set it for them" if len(names) > 1 else ""
                 raise ValueError(f"{option_flag(f)}: the {name} experiment sets {f} in its arms ({what}); "
                                  f"drop the option{also}")
+
+
+KL_COEF_MAX = 100.0  # the largest β an experiment accepts (kl-sweep runs 5β): a penalty beyond it swamps any reward
+
+
+def check_kl_coef(names, cfg: RunConfig) -> None:
+    """ValueError (one line, before any compute) for a --ppo.kl_coef the experiments `names` cannot
+    run: above KL_COEF_MAX (the rewards overflow float32 long before 1e300), or, for kl-sweep, not
+    > 0 (its arms 0, β/10, β, 5β would be one run counted four times)."""
+    beta = cfg.ppo.kl_coef
+    if not beta <= KL_COEF_MAX:
+        raise ValueError(f"--ppo.kl_coef {beta:g}: the experiments take a finite β of at most {KL_COEF_MAX:g}")
+    if "kl-sweep" in names and not beta / 10 > 0:
+        raise ValueError(f"--ppo.kl_coef {beta:g}: kl-sweep runs β = 0, β/10, β and 5β, which need β > 0 "
+                         f"(β/10 > 0 too) to be four different arms")
 
 
 def check_embedded_task(cfg: RunConfig) -> None:
@@ -88,32 +103,67 @@ def link(target: str) -> str:
     return quote(target, safe="/")
 
 
+def plan(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64):
+    """(experiment, its Options, its arms) of experiment `name` under out_root/name."""
+    exp = EXPERIMENTS[name]
+    exp_dir = Path(out_root) / name
+    opts = Options(seeds=tuple(cfg.seed + i for i in range(seeds)), rounds=rounds, n_max=n_max, exp_dir=exp_dir)
+    return exp, opts, exp.arms(cfg, opts)
+
+
+def check_experiments(names, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64) -> None:
+    """Read-only, before anything is created or computed: ValueError (one line) when out_root, an
+    experiment's directory or one of its arms' directories cannot be made or holds what the run
+    cannot use (arms.check_arms: another configuration, unreadable files, two arms in one
+    directory), for every experiment of `names` (all of them for `experiment all`)."""
+    out_root = Path(out_root)
+    for name in names:
+        for d in (out_root, out_root / name, out_root / name / "arms"):
+            no_file_in_the_way(d)
+        check_arms(plan(name, cfg, out_root, seeds=seeds, rounds=rounds, n_max=n_max)[2], out_root / name)
+
+
 def run_experiment(name: str, cfg: RunConfig, out_root, *, seeds: int, rounds: int = 2, n_max: int = 64,
-                   preset: str = "quick", smoke: bool = False) -> dict:
+                   preset: str = "quick", smoke: bool = False, options: dict | None = None) -> dict:
     """Run (or resume) experiment `name` under out_root/name; returns the experiment.json document.
 
     seeds: arms per variant, seeded cfg.seed, cfg.seed + 1, ...; rounds: iterate's rounds; n_max:
-    best-of-n's largest n. ValueError (before any compute) for --data.* files (gold needs the
-    embedded task) or an arm directory that holds a run of another configuration. Under
+    best-of-n's largest n; options: the user's configuration options ({"ppo.iterations": "40"}),
+    recorded in experiment.json and stated in the reports. ValueError (before any compute) for
+    --data.* files (gold needs the embedded task), or an arm directory that holds a run of
+    another configuration or unreadable files (every arm's, before the first arm runs). Under
     torchrun: call it on every rank; rank 0 writes the files, every rank returns its document."""
     check_embedded_task(cfg)
-    exp = EXPERIMENTS[name]
     out_root = Path(out_root)
-    exp_dir = out_root / name
+    exp, opts, arms = plan(name, cfg, out_root, seeds=seeds, rounds=rounds, n_max=n_max)
+    exp_dir = opts.exp_dir
+    distributed.on_main(check_experiments, [name], cfg, out_root, seeds=seeds, rounds=rounds, n_max=n_max)
     distributed.on_main(exp_dir.mkdir, parents=True, exist_ok=True)
-    opts = Options(seeds=tuple(cfg.seed + i for i in range(seeds)), rounds=rounds, n_max=n_max, exp_dir=exp_dir)
-    arms = exp.arms(cfg, opts)
     t0 = time.time()
     records = run_arms(name, arms, exp_dir, out_root, run=lambda a, d: exp.run(a, d, opts),
                        measure=lambda a, d: exp.measure(a, d, opts), measured_with=exp.measured_with(opts))
     doc = distributed.on_main(_write_report, exp, records, opts, exp_dir, cfg, preset=preset, smoke=smoke,
-                              started=t0)
+                              started=t0, options=options or {})
     print(f"[experiment {name}] done: {exp_dir / 'experiment.md'}")
     return doc
 
 
+def options_text(options: dict) -> str:
+    """'--ppo.iterations 40, --skip-sft true' of the user's recorded options ('' without any)."""
+    return ", ".join(f"{option_flag(k)} {v}" for k, v in options.items())
+
+
+def setting_text(preset: str, smoke: bool, options: dict) -> str:
+    """What the arms ran with: 'Preset `tiny`, --smoke sizes except --ppo.iterations 40',
+    'Preset `quick` with --ppo.kl_coef 0.1', 'Preset `tiny`, --smoke sizes'."""
+    own = options_text(options)
+    if smoke:
+        return f"Preset `{preset}`, --smoke sizes" + (f" except {own}" if own else "")
+    return f"Preset `{preset}`" + (f" with {own}" if own else "")
+
+
 def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: RunConfig, *, preset: str,
-                  smoke: bool, started: float) -> dict:
+                  smoke: bool, started: float, options: dict) -> dict:
     """experiment.json, experiment.md and the plots of the finished arms' records; returns the JSON document."""
     name = exp.name
     rounds, n_max = opts.rounds, opts.n_max
@@ -121,7 +171,7 @@ def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: R
     images = [plots.figure(exp_dir / fname, p, title=name).name for fname, p in panels.items()]
     doc = {
         "experiment": name, "questions": list(exp.questions), "preset": preset, "smoke": smoke,
-        "seeds": list(opts.seeds), **({"rounds": rounds} if name == "iterate" else {}),
+        "options": dict(options), "seeds": list(opts.seeds), **({"rounds": rounds} if name == "iterate" else {}),
         **({"n_max": n_max} if name == "best-of-n" else {}),
         "device": str(resolve_device(cfg.device)), "machine": machine(), "processes": arm_processes({"arms": records}),
         "wall_s": round(sum(r["wall_s"] for r in records), 1), "wall_s_this_run": round(time.time() - started, 1),
@@ -131,7 +181,7 @@ def _write_report(exp, records: list[dict], opts: Options, exp_dir: Path, cfg: R
     }
     write_json(exp_dir / "experiment.json", doc)
     md = [f"# Experiment `{name}`", ""] + [f"> {q}" for q in exp.questions] + [
-        "", f"Preset `{preset}`{' (--smoke sizes)' if smoke else ''}, seeds {', '.join(map(str, opts.seeds))}, "
+        "", f"{setting_text(preset, smoke, options)}, seeds {', '.join(map(str, opts.seeds))}, "
         f"device {doc['device']} ({doc['machine']['processor']}, {doc['machine']['cpu_count']} cores, torch "
         f"{doc['machine']['torch']}{processes_text(doc['processes'])}). Arms ran for {doc['wall_s'] / 60:.1f} min "
         f"in all (stages shared with other arms were linked, not rerun). Every number is also in experiment.json.", ""]

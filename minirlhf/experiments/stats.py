@@ -2,6 +2,7 @@
 of two arms, and best-of-n (its expected gold from a pool of samples, its analytic KL)."""
 from __future__ import annotations
 
+import functools
 import math
 from math import comb
 
@@ -47,10 +48,19 @@ def best_of_n_expectation(rewards: list[float], values: list[float], n: int) -> 
     drawn n-subset with probability C(i, n − 1) / C(N, n): the other n − 1 members come from
     the i samples below it. Reward ties are broken by pool order.
 
-    rewards, values: length N (RM score and gold of each sample)."""
+    rewards, values: length N (RM score and gold of each sample). The weights are exact integer
+    ratios (no overflow for pools of thousands, where C(N, n) has hundreds of digits)."""
     N = len(rewards)
     if not 1 <= n <= N or len(values) != N:
         raise ValueError(f"best-of-n: n={n} needs 1 <= n <= N={N} samples with a value each")
     order = sorted(range(N), key=lambda i: rewards[i])
+    w = _best_weights(N, n)
+    return sum(w[i] * values[order[i]] for i in range(n - 1, N))
+
+
+@functools.lru_cache(maxsize=64)
+def _best_weights(N: int, n: int) -> tuple[float, ...]:
+    """P(the i-th lowest of N is the best of a uniform n-subset) = C(i, n − 1) / C(N, n), i = 0..N−1,
+    each an exact ratio of integers rounded once to float."""
     total = comb(N, n)
-    return sum(comb(i, n - 1) * values[order[i]] for i in range(n - 1, N)) / total
+    return tuple(comb(i, n - 1) / total if i >= n - 1 else 0.0 for i in range(N))

@@ -146,8 +146,10 @@ def test_help_shows_the_defaults_and_no_resume(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "iterate: rounds of rankings + RM + PPO (default 2)" in text
-    assert "best-of-n: the largest n (default 64; 8 with --smoke)" in text
+    assert "iterate: rounds of rankings + RM + PPO (default 2; at most 20)" in text
+    assert "best-of-n: the largest n (default 64; 8 with --smoke; at most 4096)" in text
+    assert "(default 3; 1 with --smoke; at most 100; the last, --seed + --seeds - 1, at most 4294967295)" in text
+    assert "the tiny preset (no other --preset)" in text
     assert "--resume" not in text
 
 
@@ -174,8 +176,10 @@ def test_links_are_percent_encoded():
 
 
 def _doc(name, *, smoke=True, seeds=(0,), wall=(12.0,), processes=(1,), cpus=2):
-    arms = [{"variant": "v", "seed": s, "wall_s": w, "processes": p} for s, w, p in zip(seeds, wall, processes)]
-    return {"experiment": name, "preset": "tiny" if smoke else "quick", "smoke": smoke, "seeds": list(seeds),
+    arms = [{"variant": "v", "seed": s, "params": {}, "numbers": {}, "wall_s": w, "processes": p}
+            for s, w, p in zip(seeds, wall, processes)]
+    return {"experiment": name, "questions": list(EXPERIMENTS[name].questions), "preset": "tiny" if smoke else "quick",
+            "smoke": smoke, "seeds": list(seeds),
             "device": "cpu", "machine": {"processor": "x86_64", "cpu_count": cpus, "torch": "2.x", "torch_threads": 1},
             "wall_s": sum(wall), "arms": arms}
 
