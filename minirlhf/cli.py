@@ -97,8 +97,8 @@ def bounded(kind: type, **rng):
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         try:
             C.check_range("value", value, rng, False)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text} must be {C.describe_range(rng)}") from None
+        except ValueError as e:  # config's own rule, "must be ..." (finite too, for inf and nan)
+            raise argparse.ArgumentTypeError(f"{text} must be {str(e).split(': must be ', 1)[1]}") from None
         return value
     parse.__name__ = kind.__name__
     return parse

@@ -58,6 +58,8 @@ def test_checkpoints_that_do_not_belong_together(tiny_run, tmp_path, capsys):
     (["--task.n_rm_prompts", "1"], "config: task.n_rm_prompts: 1 comparison(s); after holding out"),
     (["--data.sft", ""], "config: data.sft='': an empty path"),
     (["--seed", str(2**32)], "config: seed=4294967296: must be >= 0 and <= 4294967295"),
+    (["--dist.timeout", "inf"], "argument --dist.timeout: inf must be >= 1 and finite"),
+    (["--dist.timeout", "0"], "argument --dist.timeout: 0 must be >= 1"),
 ])
 def test_mistakes_found_before_any_stage_runs(tmp_path, capsys, args, message):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), *args]) == 2
