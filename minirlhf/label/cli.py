@@ -34,6 +34,7 @@ from .store import LabelFile
 DEFAULT_PORT = 8765
 DEFAULT_MAX_NEW_TOKENS = 48
 DEFAULT_K = 4
+SEED_MAX = 2**32 - 1  # the range of `train --seed` and `generate --seed`
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="port, 0 for any free one (default %(default)s)")
     srv.add_argument("--overlap", type=bounded(float, ge=0, le=1), default=0.0,
                      help="fraction of prompts given to two annotators, for --agreement (0..1, default %(default)s)")
-    srv.add_argument("--seed", type=bounded(int, ge=0), default=0,
-                     help="sampling seed; also picks the overlapped prompts (default %(default)s)")
+    srv.add_argument("--seed", type=bounded(int, ge=0, le=SEED_MAX), default=0,
+                     help=f"sampling seed, 0..{SEED_MAX} as train's; also picks the overlapped prompts "
+                          f"(default %(default)s)")
     smp = p.add_argument_group("sampling")
     smp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=None,
                      help=f"longest response, in tokens (default {DEFAULT_MAX_NEW_TOKENS}, or less where the "

@@ -317,7 +317,7 @@ def _judge_first(c: Client) -> None:
     ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"), ("--temperature", "-inf"),
     ("--max-new-tokens", "0"), ("--max-new-tokens", "1.5"), ("--batch-size", "0"), ("--k", "1"), ("--k", "9"),
     ("--overlap", "nan"), ("--overlap", "-0.1"), ("--overlap", "inf"), ("--port", "70000"), ("--port", "-1"),
-    ("--seed", "-1"),
+    ("--seed", "-1"), ("--seed", "4294967296"), ("--seed", "18446744073709551616"),
 ])
 def test_every_numeric_option_has_its_range_and_a_line_naming_it(files, tiny_ckpt, capsys, no_sampling, option,
                                                                   value):
