@@ -19,7 +19,8 @@ only when the file is one `label` wrote: every complete line a row the caller ac
 and the cut line the start of a row as `label` writes them (`{"prompt": `); any other
 file with an unfinished last line (a model, notes) is refused and not touched. `remove`
 writes the remaining rows to `.NAME.undo.tmp` beside the file, fsyncs it and renames it
-over the file, so a crash leaves the old or the new file, never a mix. An exclusive
+over the file, so a crash leaves the old or the new file, never a mix; a refused write or
+rename (a full disk, an append-only file) leaves the file as it was and no temp file. An exclusive
 flock keeps a second label server off the same file.
 
 A symlink is resolved once, when the store is made: every read, append and undo goes to
@@ -30,11 +31,31 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 
 from .sampling import DataError, fsync
 
 ROW_START = b'{"prompt": '  # how every row `label` writes begins (state.py puts "prompt" first)
+
+
+def _check_regular(path: Path, what: str, mode: int | None = None) -> None:
+    """ValueError unless `path` is a regular file or does not exist yet (`mode`: its st_mode
+    when already known, from fstat of an open fd). A directory, a FIFO, a device (/dev/null,
+    /dev/full), a socket cannot hold rows that are read back, undone and renamed over."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ValueError(f"{what}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise ValueError(f"{what}: is {kind}, expected a regular file (or a path where one can be created)")
 
 
 class LabelFile:
@@ -43,15 +64,15 @@ class LabelFile:
 
     path: --out as the user gave it (for messages); real: the file written (symlinks resolved).
     Raises ValueError (DataError for the contents: `file:line: field: what`) for an --out
-    that is a directory, in a missing directory, locked by another server, or not a labels file."""
+    that is not a regular file (a directory, a FIFO, a device such as /dev/null), in a missing
+    directory, locked by another server, or not a labels file."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.real = Path(os.path.realpath(self.path))
         self.tmp = self.real.with_name(f".{self.real.name}.undo.tmp")
         self.notes: list[str] = []  # what start() did, for the CLI to print
-        if self.real.is_dir():
-            raise ValueError(f"--out {self.path}: is a directory, expected a .jsonl file")
+        _check_regular(self.real, f"--out {self.path}")
         if not self.real.parent.is_dir():
             raise ValueError(f"--out {self.path}: directory {self.real.parent} does not exist")
         self._fd = -1
@@ -71,11 +92,18 @@ class LabelFile:
                 raise
 
     def _open(self, flags: int) -> None:
-        try:
-            self._fd = os.open(self.real, flags, 0o644)
+        try:  # O_NONBLOCK: a FIFO put there since the check must not hang the open
+            self._fd = os.open(self.real, flags | os.O_NONBLOCK, 0o644)
         except OSError as e:
             raise ValueError(f"--out {self.path}: cannot open for writing ({e.strerror or e})") from None
-        self._lock()
+        try:
+            _check_regular(self.real, f"--out {self.path}", os.fstat(self._fd).st_mode)
+            os.set_blocking(self._fd, True)
+            self._lock()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
 
     def _lock(self) -> None:
         try:
@@ -168,25 +196,25 @@ class LabelFile:
         if not self._started:
             raise RuntimeError("LabelFile.start() first")
         keep = [rid for rid, _ in self.rows if rid != row_id]
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # the fd the store keeps once the temp file is renamed over --out: locked before the
+        # rename, so no second server can take the new file in between
+        fd = os.open(self.tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             data = memoryview(b"".join(self._lines[rid] for rid in keep))
             while data:
                 data = data[os.write(fd, data):]
             os.fsync(fd)
-        except BaseException:
+            os.replace(self.tmp, self.real)
+        except BaseException:  # refused (a full disk, an append-only file): --out is as it was
             os.close(fd)
-            self.tmp.unlink()
+            self.tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        fd = os.open(self.tmp, os.O_RDWR | os.O_APPEND)
-        os.replace(self.tmp, self.real)
-        fsync(self.real.parent)
         old, self._fd = self._fd, fd
-        self._lock()
         os.close(old)
         self.rows = [(rid, obj) for rid, obj in self.rows if rid != row_id]
         del self._lines[row_id], self.line_of[row_id]
+        fsync(self.real.parent)  # the rename, durable
 
     def close(self) -> None:
         """Release the file; one this store created and never wrote a row to is removed (a run

@@ -14,3 +14,11 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny")
     assert main(["pretrain", "--preset", "tiny", "--out", str(run)]) == 0
     return run / "pretrain"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_b(tiny_ckpt, tmp_path_factory) -> Path:
+    """A second checkpoint directory (a copy of tiny_ckpt): --compare refuses one checkpoint twice."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_ckpt, tmp_path_factory.mktemp("tiny_b") / "pretrain"))

@@ -451,6 +451,20 @@ def test_a_port_in_use_or_any_refusal_leaves_out_as_it_was(files, tiny_ckpt, cap
             assert not out.exists()
 
 
+def test_an_out_that_is_not_a_regular_file_is_one_line_before_sampling(files, tiny_ckpt, tiny_ckpt_b, capsys,
+                                                                        no_sampling):
+    d, prompts, responses = files
+    os.mkfifo(d / "pipe")
+    for out, kind in ((d / "pipe", "a FIFO (named pipe)"), (Path("/dev/null"), "a device"),
+                      (Path("/dev/full"), "a device")):
+        if not out.exists():
+            continue
+        for argv in (["--responses", str(responses)], ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts)],
+                     ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts)]):
+            err = _mistake(capsys, [*argv, "--out", str(out), "--port", "0"])
+            assert f"--out {out}: is {kind}, expected a regular file" in err
+
+
 def test_a_file_that_is_not_a_labels_file_is_refused_untouched(files, capsys):
     d, _, responses = files
     notes = d / "notes.txt"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -470,3 +472,55 @@ def test_malformed_requests_get_json_4xx_with_the_security_headers_and_a_quiet_t
         assert out.read_bytes() == before
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+# ---- --out must be a regular file; a refused undo leaves no debris ----
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-null", "dev-full", "dir", "link-to-fifo"])
+def test_an_out_that_is_not_a_regular_file_is_refused_before_anything(tmp_path, kind):
+    path = tmp_path / "labels.jsonl"
+    if kind in ("fifo", "link-to-fifo"):
+        os.mkfifo(tmp_path / "pipe")
+        if kind == "fifo":
+            path = tmp_path / "pipe"
+        else:
+            path.symlink_to(tmp_path / "pipe")
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        path = Path("/dev/null" if kind == "dev-null" else "/dev/full")
+        if not path.exists():
+            pytest.skip(f"{path} is absent on this machine")
+    want = {"fifo": "is a FIFO (named pipe)", "link-to-fifo": "is a FIFO (named pipe)",
+            "dir": "is a directory"}.get(kind, "is a device")
+    with pytest.raises(ValueError, match=re.escape(f"--out {path}: {want}, expected a regular file")):
+        LabelFile(path)
+
+
+def test_a_refused_undo_leaves_the_file_no_temp_and_no_open_fd(tmp_path, monkeypatch):
+    out = tmp_path / "labels.jsonl"
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+    with running(out) as server:
+        c = Client(server)
+        view = c.next()
+        status, view = c.judge_by_text(view, list(view["item"]["responses"]))
+        assert status == 200
+        before, open_before, state_before = out.read_bytes(), fds(), _state_of(server)
+
+        def refuse(src, dst):  # as on an append-only (chattr +a) file
+            raise PermissionError(1, "Operation not permitted", str(dst))
+        monkeypatch.setattr(os, "replace", refuse)
+        status, err = c.post("/api/undo")
+        assert status == 500 and "Operation not permitted" in err["error"]
+        assert out.read_bytes() == before
+        assert not list(tmp_path.glob(".*"))  # no .labels.jsonl.undo.tmp
+        assert fds() == open_before
+        assert _state_of(server) == state_before
+        monkeypatch.undo()  # the rename works again: so does the undo, and the file stays writable
+        status, view = c.post("/api/undo")
+        assert status == 200 and view["item"]["id"] == 0 and out.read_bytes() == b""
+        status, view = c.judge_by_text(view, list(view["item"]["responses"]))
+        assert status == 200
+    assert [r["item"] for r in read_rows(out)] == [0]
