@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import secrets
 import signal
@@ -29,7 +28,7 @@ from . import sampling
 from .server import LabelServer, is_loopback
 from .state import K_MAX, K_MIN, Item, LabelState, check_rows
 from .stats import agreement
-from .store import LabelFile
+from .store import LabelFile, ResultFile, result_path
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -167,23 +166,6 @@ def _agreement(path: str) -> int:
     return 0
 
 
-def result_path(out: Path) -> Path:
-    """Where --compare writes its result: compare.jsonl -> compare.result.json."""
-    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return out.with_name(stem + ".result.json")
-
-
-def _write_json(path: Path, obj) -> None:
-    path = Path(os.path.realpath(path))  # a symlink stays one: its file is replaced
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _describe_result(r: dict) -> str:
     if not r["judgements"]:
         return f"A ({r['model_a']}) vs B ({r['model_b']}): no judgements yet"
@@ -225,6 +207,7 @@ def main(args) -> int:
             stages = {ckpt: sampling.check_checkpoint(ckpt) for ckpt in models or [args.ckpt]}
         out = Path(args.out or ("compare.jsonl" if args.compare else "labels.jsonl"))
         store = LabelFile(out)  # reads what an earlier run wrote; writes nothing yet
+        result = ResultFile(result_path(out), models) if models else None  # checked; nothing written
         known = check_rows(store, prompts, mode=mode, models=models,
                            responses=[it.responses for it in given] if given else None)
         todo = [i for i in range(len(prompts)) if i not in known]
@@ -254,7 +237,11 @@ def main(args) -> int:
             print(f"[label] {note}", flush=True)
         items = given or _sample(args, prompts, known, todo, models, max_new)
         def write_result(state):  # --compare: the win rate so far, after every change
-            _write_json(result_path(out), state.result())
+            failing = result.error is not None
+            if result.write(state.result()) and not failing:  # once, not after every judgement
+                print(f"[label] could not write the result {result.error}; the judgements are in {out} "
+                      f"(the result is derived from them: it is written again after the next change and "
+                      f"at stop)", file=sys.stderr, flush=True)
         state = LabelState(items, store, mode=mode, overlap=args.overlap, seed=args.seed, models=models,
                            on_change=write_result if mode == "compare" else None)
         server.state = state
@@ -280,7 +267,12 @@ def main(args) -> int:
         s = server.state.summary()
         print(f"\n[label] stopped: {s['done']} of {s['total']} judgements in {out} ({s['sessions']} sessions)")
         if mode == "compare":
-            print(f"[label] {_describe_result(s['result'])}; written to {result_path(out)}")
+            if not result.current and server.state.row_of:  # stale, or never written by this run
+                result.write(s["result"])
+            where = (f"written to {result.path}" if result.current
+                     else f"could not write {result.error}" if result.error
+                     else "nothing judged, no result file written")
+            print(f"[label] {_describe_result(s['result'])}; {where}")
     return 0
 
 

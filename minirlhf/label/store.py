@@ -6,6 +6,7 @@
     row_id = store.append(row)     # one write(2) of the whole line, then fsync
     store.remove(row_id)           # undo: the file without that row, swapped in atomically
     store.close()
+    ResultFile(result_path(out), models).write(result)   # --compare's derived win rate
 
 Nothing is written before `start()`, which the caller reaches only once every check has
 passed (the rows are this run's, the port is free, the prompts fit): a file that is
@@ -198,7 +199,7 @@ class LabelFile:
         keep = [rid for rid, _ in self.rows if rid != row_id]
         # the fd the store keeps once the temp file is renamed over --out: locked before the
         # rename, so no second server can take the new file in between
-        fd = os.open(self.tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(self.tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             data = memoryview(b"".join(self._lines[rid] for rid in keep))
@@ -224,3 +225,79 @@ class LabelFile:
                 self.real.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = -1
+
+
+RESULT_KEYS = frozenset({"model_a", "model_b", "judgements", "a_wins", "b_wins", "ties", "skipped", "win_rate_a",
+                         "ci95"})  # what LabelState.result() returns: the file's whole shape
+
+
+def result_path(out) -> Path:
+    """Where --compare writes its result: compare.jsonl -> compare.result.json, beside --out as given."""
+    out = Path(out)
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + ".result.json")
+
+
+class ResultFile:
+    """--compare's result (the win rate, LabelState.result()), derived from the labels file
+    and rewritten after every change: temp file beside it, fsync, rename.
+
+    Checked when made, as --out is: it must be a regular file or a new path, and a file
+    already there must be a result `label --compare` wrote for the same two checkpoints
+    (same_checkpoints); else ValueError, and nothing is written. `write` never raises an
+    OSError: the rows are what counts and are on disk already, the result is derived from
+    them (a rerun with the same --out writes it again), so a failed write returns the
+    error, leaves no temp file, and `current` says whether the file holds the latest result."""
+
+    def __init__(self, path, models: list[str]):
+        from .state import same_checkpoints  # state.py does not import this module
+
+        self.path = Path(path)
+        self.real = Path(os.path.realpath(self.path))  # a symlink stays one: its file is replaced
+        self.tmp = self.real.with_name(f".{self.real.name}.tmp")
+        self.current = False  # the file holds the result of this run's latest change
+        self.error: str | None = None  # what the last write() could not do
+        what = f"--compare result {self.path} (beside --out)"
+        _check_regular(self.real, what)
+        if not self.real.exists():
+            return
+        try:
+            obj = json.loads(self.real.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{what}: not a result `label --compare` wrote "
+                             f"({getattr(e, 'strerror', None) or type(e).__name__}); move it away or use "
+                             f"another --out") from None
+        if not isinstance(obj, dict) or set(obj) != RESULT_KEYS:
+            raise ValueError(f"{what}: not a result `label --compare` wrote (expected the keys "
+                             f"{', '.join(sorted(RESULT_KEYS))}); move it away or use another --out")
+        given = [obj["model_a"], obj["model_b"]]
+        if not all(isinstance(m, str) for m in given) or not same_checkpoints(given, models):
+            raise ValueError(f"{what}: the result of another comparison (A = {json.dumps(obj['model_a'])}, "
+                             f"B = {json.dumps(obj['model_b'])}); move it away or use another --out")
+
+    def write(self, result: dict) -> str | None:
+        """Replace the file with `result`; None when done, else what went wrong (nothing raised)."""
+        data = (json.dumps(result, indent=1) + "\n").encode("utf-8")
+        try:  # O_NOFOLLOW: a link planted at the temp name is not followed out of the directory
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            return self._failed(e)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(self.tmp, self.real)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            return self._failed(e)
+        self.current, self.error = True, None
+        return None
+
+    def _failed(self, e: OSError) -> str:
+        self.current, self.error = False, f"{self.path}: {e.strerror or e}"
+        return self.error

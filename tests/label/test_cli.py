@@ -25,6 +25,7 @@ from minirlhf.data import read_preferences
 from minirlhf.label import sampling
 from minirlhf.label.server import LabelServer
 from minirlhf.label.state import Item
+from minirlhf.label.stats import win_rate
 
 from .helpers import Client, read_rows, running
 
@@ -510,3 +511,66 @@ def test_agreement_reads_gzip_and_conversations(tmp_path, capsys):
     gz.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
     assert main(["label", "--agreement", str(gz)]) == 0
     assert f"pairwise agreement {2 / 3:.3f} over 3 response pairs" in capsys.readouterr().out
+
+
+# ---- --compare's result file: checked up front, derived, never a failed judgement ----
+
+def test_a_result_path_label_did_not_write_is_refused_untouched(files, tiny_ckpt, tiny_ckpt_b, capsys, no_sampling):
+    d, prompts, _ = files
+    argv = ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts), "--out", str(d / "c.jsonl"),
+            "--port", "0"]
+    (d / "c.result.json").mkdir()
+    assert f"--compare result {d / 'c.result.json'} (beside --out): is a directory" in _mistake(capsys, argv)
+    (d / "c.result.json").rmdir()
+    for text in ("my notes\n", '{"win_rate_a": 0.5}\n', "[1, 2]\n", "\xff"):
+        (d / "c.result.json").write_text(text, encoding="latin-1")
+        assert "not a result `label --compare` wrote" in _mistake(capsys, argv)
+        assert (d / "c.result.json").read_text(encoding="latin-1") == text
+    other = {"model_a": "/runs/x/sft", "model_b": "/runs/x/ppo", "judgements": 0, "a_wins": 0, "b_wins": 0,
+             "ties": 0, "skipped": 0, "win_rate_a": None, "ci95": None}
+    _write(d / "c.result.json", [other])
+    assert 'the result of another comparison (A = "/runs/x/sft", B = "/runs/x/ppo")' in _mistake(capsys, argv)
+    assert not (d / "c.jsonl").exists()
+
+
+def test_a_result_that_cannot_be_written_is_reported_once_and_judging_goes_on(files, tiny_ckpt, tiny_ckpt_b,
+                                                                            monkeypatch, fake_sampling, capsys):
+    d, prompts, _ = files
+    out, res = d / "c.jsonl", d / "c.result.json"
+    argv = ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts), "--out", str(out)]
+    views = []
+
+    def act(c):
+        res.mkdir()  # after the checks: the result cannot be renamed into place
+        view = c.next()
+        for _ in range(2):
+            status, view = c.post("/api/judge", {"item": view["item"]["id"], "ranking": [0, 1], "ties": [False]})
+            assert status == 200, view  # the row is on disk: the judgement succeeded
+            views.append(view)
+    assert _run(monkeypatch, argv, act) == 0
+    assert [v["item"]["id"] for v in views] == [1, 2]  # the session moved on
+    assert [r["item"] for r in read_rows(out)] == [0, 1]
+    assert res.is_dir() and not list(d.glob(".*"))  # no .c.result.json.tmp left
+    printed = capsys.readouterr()
+    assert printed.err.count("could not write the result") == 1, printed.err
+    assert "written to" not in printed.out and f"could not write {res}: Is a directory" in printed.out
+    # the result is derived from the rows: once it can be written, a rerun writes it at stop
+    res.rmdir()
+    assert _run(monkeypatch, argv) == 0
+    assert f"written to {res}" in capsys.readouterr().out
+    rows = read_rows(out)
+    wins = sum(r["winner"] == "A" for r in rows)
+    assert json.loads(res.read_text()) == {
+        "model_a": str(tiny_ckpt), "model_b": str(tiny_ckpt_b), "judgements": 2, "a_wins": wins,
+        "b_wins": 2 - wins, "ties": 0, "skipped": 0, "win_rate_a": wins / 2,
+        "ci95": win_rate(rows)["ci95"]}  # Wilson's interval: tests/label/test_stats.py checks it
+
+
+def test_a_compare_run_without_a_judgement_claims_no_result_file(files, tiny_ckpt, tiny_ckpt_b, monkeypatch,
+                                                                fake_sampling, capsys):
+    d, prompts, _ = files
+    assert _run(monkeypatch, ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts),
+                              "--out", str(d / "c.jsonl")], lambda c: c.next()) == 0
+    printed = capsys.readouterr().out
+    assert "no judgements yet; nothing judged, no result file written" in printed and "written to" not in printed
+    assert not (d / "c.result.json").exists() and not (d / "c.jsonl").exists()
