@@ -198,6 +198,9 @@ def main(args) -> int:
             return _agreement(args.agreement)
         mode = "compare" if args.compare else "rank"
         models = [os.path.abspath(c) for c in args.compare] if args.compare else None
+        if models and os.path.realpath(models[0]) == os.path.realpath(models[1]):
+            raise ValueError(f"--compare {args.compare[0]} {args.compare[1]}: both are the checkpoint "
+                             f"{os.path.realpath(models[0])}; compare two different ones")
         given = stages = None
         if args.responses:
             given = read_responses(args.responses)
@@ -207,9 +210,9 @@ def main(args) -> int:
             stages = {ckpt: sampling.check_checkpoint(ckpt) for ckpt in models or [args.ckpt]}
         out = Path(args.out or ("compare.jsonl" if args.compare else "labels.jsonl"))
         store = LabelFile(out)  # reads what an earlier run wrote; writes nothing yet
-        result = ResultFile(result_path(out), models) if models else None  # checked; nothing written
         known = check_rows(store, prompts, mode=mode, models=models,
                            responses=[it.responses for it in given] if given else None)
+        result = ResultFile(result_path(out), models) if models else None  # checked; nothing written
         todo = [i for i in range(len(prompts)) if i not in known]
         max_new = None
         if stages:

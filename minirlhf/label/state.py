@@ -28,6 +28,7 @@ that is answered, and judge, skip and undo need a session the server knows.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -127,9 +128,10 @@ def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = No
         is_compare = "winner" in row or "models" in row
         if mode == "compare":
             given = row.get("models")
-            if not (isinstance(given, list) and len(given) == 2 and all(isinstance(m, str) for m in given)
-                    and same_checkpoints(given, models)):
-                raise bad("models", f"{show(given)}, this run compares {show(models)}")
+            if not (isinstance(given, list) and len(given) == 2 and all(isinstance(m, str) for m in given)):
+                raise bad("models", f"expected [CKPT_A, CKPT_B], got {show(given)}")
+            if not same_checkpoints(given, models):
+                raise bad("models", changed_models(given, models))
             if not row.get("skipped") and row.get("winner") not in ("A", "B", "tie"):
                 raise bad("winner", "expected A, B or tie")
         elif is_compare:
@@ -137,6 +139,17 @@ def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = No
         seen.add((item, annotator))
         known[item] = resp
     return known
+
+
+def changed_models(given: list[str], models: list[str]) -> str:
+    """What differs between the checkpoints an earlier run compared and this run's, in full
+    (paths as JSON strings: a path from the file may hold any character)."""
+    q = json.dumps
+    if same_checkpoints(given, models[::-1]):
+        return (f"A and B are swapped: this --out compares A = {q(given[0])[1:-1]} and B = {q(given[1])[1:-1]} "
+                f"(give them in that order)")
+    return ", ".join(f"{ab} was {q(g)[1:-1]}, this run has {ab} = {q(m)[1:-1]}"
+                     for ab, g, m in zip("AB", given, models) if not same_checkpoints([g], [m]))
 
 
 class LabelState:

@@ -250,7 +250,7 @@ class ResultFile:
     error, leaves no temp file, and `current` says whether the file holds the latest result."""
 
     def __init__(self, path, models: list[str]):
-        from .state import same_checkpoints  # state.py does not import this module
+        from .state import changed_models, same_checkpoints  # state.py does not import this module
 
         self.path = Path(path)
         self.real = Path(os.path.realpath(self.path))  # a symlink stays one: its file is replaced
@@ -271,9 +271,12 @@ class ResultFile:
             raise ValueError(f"{what}: not a result `label --compare` wrote (expected the keys "
                              f"{', '.join(sorted(RESULT_KEYS))}); move it away or use another --out")
         given = [obj["model_a"], obj["model_b"]]
-        if not all(isinstance(m, str) for m in given) or not same_checkpoints(given, models):
-            raise ValueError(f"{what}: the result of another comparison (A = {json.dumps(obj['model_a'])}, "
-                             f"B = {json.dumps(obj['model_b'])}); move it away or use another --out")
+        if not all(isinstance(m, str) for m in given):
+            raise ValueError(f"{what}: not a result `label --compare` wrote (model_a, model_b: expected paths); "
+                             f"move it away or use another --out")
+        if not same_checkpoints(given, models):
+            raise ValueError(f"{what}: the result of another comparison: {changed_models(given, models)}; "
+                             f"move it away or use another --out")
 
     def write(self, result: dict) -> str | None:
         """Replace the file with `result`; None when done, else what went wrong (nothing raised)."""

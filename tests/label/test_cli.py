@@ -202,9 +202,9 @@ def test_kill_9_loses_nothing_written_and_a_restart_continues(files):
 
 
 @pytest.mark.slow  # a subprocess: a few seconds
-def test_compare_two_checkpoints_writes_the_win_rate(files, tiny_ckpt):
+def test_compare_two_checkpoints_writes_the_win_rate(files, tiny_ckpt, tiny_ckpt_b):
     d, prompts, _ = files
-    a, b = str(tiny_ckpt), str(tiny_ckpt) + "/"
+    a, b = str(tiny_ckpt), str(tiny_ckpt_b) + "/"
     srv = Server(["--compare", a, b, "--prompts", str(prompts), "--max-new-tokens", "6"], cwd=d)
     c = srv.client()
     view = c.next()
@@ -370,7 +370,8 @@ def _long_prompts(d: Path, tokenizer, at_least: int) -> tuple[Path, int]:
         len(tokenizer.prompt_ids(long))
 
 
-def test_a_prompt_over_its_token_budget_is_named_before_sampling(files, tiny_ckpt, capsys, no_sampling):
+def test_a_prompt_over_its_token_budget_is_named_before_sampling(files, tiny_ckpt, tiny_ckpt_b, capsys,
+                                                                 no_sampling):
     from minirlhf import checkpoint
 
     d, _, _ = files
@@ -385,8 +386,8 @@ def test_a_prompt_over_its_token_budget_is_named_before_sampling(files, tiny_ckp
     prompts, n = _long_prompts(d, tokenizer, L)
     err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--port", "0"])
     assert f"long.jsonl:3: prompt: {n} tokens, but model.max_seq_len={L}" in err and "leaves no room" in err
-    err = _mistake(capsys, ["--compare", str(tiny_ckpt), str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out),
-                            "--port", "0"])
+    err = _mistake(capsys, ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts), "--out",
+                            str(out), "--port", "0"])
     assert f"long.jsonl:3: prompt: {n} tokens" in err
     assert not out.exists()
 
@@ -475,19 +476,43 @@ def test_a_file_that_is_not_a_labels_file_is_refused_untouched(files, capsys):
     assert notes.read_bytes() == b"my notes, one line without its newline"
 
 
-def test_compare_continues_with_the_checkpoints_spelt_another_way(files, tiny_ckpt, monkeypatch, fake_sampling,
-                                                                   capsys):
+def test_compare_continues_with_the_checkpoints_spelt_another_way(files, tiny_ckpt, tiny_ckpt_b, monkeypatch,
+                                                                   fake_sampling, capsys):
     d, prompts, _ = files
     monkeypatch.chdir(tiny_ckpt.parent)
     rel = os.path.relpath(tiny_ckpt)
     out = str(d / "compare.jsonl")
-    assert _run(monkeypatch, ["--compare", rel, str(tiny_ckpt), "--prompts", str(prompts), "--out", out],
+    assert _run(monkeypatch, ["--compare", rel, str(tiny_ckpt_b), "--prompts", str(prompts), "--out", out],
                 _judge_first) == 0
     monkeypatch.chdir(d)
-    assert _run(monkeypatch, ["--compare", str(tiny_ckpt) + "/", str(tiny_ckpt.parent / "." / tiny_ckpt.name),
-                              "--prompts", str(prompts), "--out", out], _judge_first) == 0
+    (d / "b-link").symlink_to(tiny_ckpt_b)
+    assert _run(monkeypatch, ["--compare", str(tiny_ckpt) + "/", "b-link", "--prompts", str(prompts), "--out", out],
+                _judge_first) == 0
     assert "2 of 4 judgements in" in capsys.readouterr().out
-    assert [r["models"] for r in read_rows(Path(out))] == [[str(tiny_ckpt)] * 2] * 2
+    assert [r["models"] for r in read_rows(Path(out))] == [[str(tiny_ckpt), str(tiny_ckpt_b)],
+                                                          [str(tiny_ckpt), str(d / "b-link")]]
+
+
+def test_compare_refuses_one_checkpoint_twice_and_names_a_swap(files, tiny_ckpt, tiny_ckpt_b, monkeypatch,
+                                                               fake_sampling, capsys):
+    d, prompts, _ = files
+    (d / "same").symlink_to(tiny_ckpt)
+    err = _mistake(capsys, ["--compare", str(tiny_ckpt), str(d / "same"), "--prompts", str(prompts), "--port", "0"])
+    assert f"both are the checkpoint {tiny_ckpt}; compare two different ones" in err
+    assert fake_sampling == []
+    out = str(d / "compare.jsonl")
+    assert _run(monkeypatch, ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts), "--out", out],
+                _judge_first) == 0
+    capsys.readouterr()
+    err = _mistake(capsys, ["--compare", str(tiny_ckpt_b), str(tiny_ckpt), "--prompts", str(prompts), "--out", out,
+                            "--port", "0"])
+    assert (f"compare.jsonl:1: models: A and B are swapped: this --out compares A = {tiny_ckpt} and "
+            f"B = {tiny_ckpt_b}") in err
+    third = d / "a-much-longer-directory-name-so-that-the-paths-do-not-fit-in-sixty-characters" / "ckpt"
+    shutil.copytree(tiny_ckpt, third)
+    err = _mistake(capsys, ["--compare", str(tiny_ckpt), str(third), "--prompts", str(prompts), "--out", out,
+                            "--port", "0"])
+    assert f"compare.jsonl:1: models: B was {tiny_ckpt_b}, this run has B = {third}" in err
 
 
 def test_a_rerun_with_another_k_says_judged_prompts_keep_theirs(files, tiny_ckpt, monkeypatch, fake_sampling, capsys):
@@ -529,7 +554,8 @@ def test_a_result_path_label_did_not_write_is_refused_untouched(files, tiny_ckpt
     other = {"model_a": "/runs/x/sft", "model_b": "/runs/x/ppo", "judgements": 0, "a_wins": 0, "b_wins": 0,
              "ties": 0, "skipped": 0, "win_rate_a": None, "ci95": None}
     _write(d / "c.result.json", [other])
-    assert 'the result of another comparison (A = "/runs/x/sft", B = "/runs/x/ppo")' in _mistake(capsys, argv)
+    assert (f"the result of another comparison: A was /runs/x/sft, this run has A = {tiny_ckpt}, B was /runs/x/ppo, "
+            f"this run has B = {tiny_ckpt_b}; move it away") in _mistake(capsys, argv)
     assert not (d / "c.jsonl").exists()
 
 
