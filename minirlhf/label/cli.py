@@ -210,7 +210,8 @@ def main(args) -> int:
             stages = {ckpt: sampling.check_checkpoint(ckpt) for ckpt in models or [args.ckpt]}
         out = Path(args.out or ("compare.jsonl" if args.compare else "labels.jsonl"))
         store = LabelFile(out)  # reads what an earlier run wrote; writes nothing yet
-        known = check_rows(store, prompts, mode=mode, models=models,
+        source = {"model": os.path.realpath(args.ckpt), "stage": stages[args.ckpt]} if args.ckpt else None
+        known = check_rows(store, prompts, mode=mode, models=models, source=source,
                            responses=[it.responses for it in given] if given else None)
         result = ResultFile(result_path(out), models) if models else None  # checked; nothing written
         todo = [i for i in range(len(prompts)) if i not in known]
@@ -246,7 +247,7 @@ def main(args) -> int:
                       f"(the result is derived from them: it is written again after the next change and "
                       f"at stop)", file=sys.stderr, flush=True)
         state = LabelState(items, store, mode=mode, overlap=args.overlap, seed=args.seed, models=models,
-                           on_change=write_result if mode == "compare" else None)
+                           source=source, on_change=write_result if mode == "compare" else None)
         server.state = state
         p = state.progress()
         stage = {c: f"{c} (stage {s})" for c, s in (stages or {}).items()}

@@ -17,6 +17,7 @@ become preference; a judgement names display positions and is mapped back here. 
              {"prompt", "responses", "ratings": [7, 6, 6, 5 ...]}       ties (equal ratings)
     compare  {"prompt", "responses": [A's, B's], "ratings": [7, 6] | [6, 7] | [7, 7],
               "winner": "A" | "B" | "tie", "models": [A, B]}
+    rank rows sampled from --ckpt also carry "model" (its resolved path) and "stage"
     skipped  {"prompt", "responses", "ratings": [4] * K, "skipped": true}
     all with "item", "annotator", "shown" (response indices in display order),
     "seconds" (from showing to judging) and "time" (UTC).
@@ -94,10 +95,14 @@ def same_checkpoints(a: list[str], b: list[str]) -> bool:
 
 
 def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = None,
-               responses: list[tuple[str, ...]] | None = None) -> dict[int, tuple[str, ...]]:
+               responses: list[tuple[str, ...]] | None = None,
+               source: dict | None = None) -> dict[int, tuple[str, ...]]:
     """Check the rows an earlier run left in the labels file against this run's prompts (and
-    responses, when given): the responses each judged item was shown, by item index. Raises
-    DataError (file:line: field: what) for a row that belongs to another labelling run."""
+    responses, when given; the checkpoint they were sampled from, `source` = {"model": path,
+    "stage": stage} of --ckpt): the responses each judged item was shown, by item index. Raises
+    DataError (file:line: field: what) for a row that belongs to another labelling run: one of
+    another checkpoint (or of --responses) continued with --ckpt would mix two policies'
+    responses in one file."""
     known: dict[int, tuple[str, ...]] = {}
     seen = set()
     for row_id, row in store.rows:
@@ -136,9 +141,27 @@ def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = No
                 raise bad("winner", "expected A, B or tie")
         elif is_compare:
             raise bad("winner", "a --compare row in a ranking file")
+        elif source is not None:
+            _check_source(row, source, bad)
         seen.add((item, annotator))
         known[item] = resp
     return known
+
+
+def _check_source(row: dict, source: dict, bad) -> None:
+    """A ranking row continued with --ckpt: sampled from the same checkpoint, at the same stage."""
+    q = json.dumps
+    model, stage = row.get("model"), row.get("stage")
+    if model is None:
+        raise bad("model", f"missing: the rows are of --responses or of an older `label`, this run samples from "
+                           f"{q(source['model'])[1:-1]}; continuing would mix responses of two sources")
+    if not isinstance(model, str) or not same_checkpoints([model], [source["model"]]):
+        was = q(model)[1:-1] if isinstance(model, str) else show(model)
+        raise bad("model", f"the responses were sampled from {was}, this run samples from {q(source['model'])[1:-1]}; continuing would mix two policies' "
+                           f"responses (give that --ckpt)")
+    if stage != source["stage"]:
+        raise bad("stage", f"{q(source['model'])[1:-1]} was stage {show(stage)} when the responses were sampled, "
+                           f"it is stage {q(source['stage'])} now; continuing would mix two policies' responses")
 
 
 def changed_models(given: list[str], models: list[str]) -> str:
@@ -157,9 +180,10 @@ class LabelState:
     return the session's view: {"session", "mode", "item", "progress", "can_undo"[, "result"]}."""
 
     def __init__(self, items: list[Item], store, *, mode: str = "rank", overlap: float = 0.0, seed: int = 0,
-                 models: list[str] | None = None, hold_seconds: float = HOLD_SECONDS, clock=time.monotonic,
-                 on_change=None):
+                 models: list[str] | None = None, source: dict | None = None, hold_seconds: float = HOLD_SECONDS,
+                 clock=time.monotonic, on_change=None):
         self.items, self.store, self.mode, self.models = items, store, mode, models
+        self.source = source  # ranking from --ckpt: {"model": resolved path, "stage"}, recorded in each row
         self.on_change = on_change  # called with self, under the lock, after each row written or removed
         self.seed, self.hold_seconds, self.clock = seed, hold_seconds, clock
         self.lock = threading.Lock()
@@ -245,6 +269,8 @@ class LabelState:
         row = {"prompt": it.prompt, "responses": list(it.responses)}
         if self.mode == "compare":
             row["models"] = list(self.models)
+        elif self.source is not None:
+            row.update(model=self.source["model"], stage=self.source["stage"])
         row.update(item=hold.item, annotator=sid, shown=hold.order,
                    seconds=round(self.clock() - hold.since, 2),
                    time=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -600,3 +600,35 @@ def test_a_compare_run_without_a_judgement_claims_no_result_file(files, tiny_ckp
     printed = capsys.readouterr().out
     assert "no judgements yet; nothing judged, no result file written" in printed and "written to" not in printed
     assert not (d / "c.result.json").exists() and not (d / "c.jsonl").exists()
+
+
+def test_ranking_rows_record_their_checkpoint_and_another_one_cannot_continue_them(files, tiny_ckpt, tiny_ckpt_b,
+                                                                                    monkeypatch, fake_sampling, capsys):
+    d, prompts, responses = files
+    out = d / "labels.jsonl"
+    (d / "link").symlink_to(tiny_ckpt)
+    argv = ["--prompts", str(prompts), "--out", str(out)]
+    assert _run(monkeypatch, ["--ckpt", str(d / "link"), *argv], _judge_first) == 0
+    assert [(r["model"], r["stage"]) for r in read_rows(out)] == [(str(tiny_ckpt), "pretrain")]
+    assert _run(monkeypatch, ["--ckpt", str(tiny_ckpt) + "/", *argv], _judge_first) == 0  # the same, spelt another way
+    assert len(read_rows(out)) == 2
+    before = out.read_bytes()
+    capsys.readouterr()
+    err = _mistake(capsys, ["--ckpt", str(tiny_ckpt_b), *argv, "--port", "0"])
+    assert (f"labels.jsonl:1: model: the responses were sampled from {tiny_ckpt}, this run samples from "
+            f"{tiny_ckpt_b}; continuing would mix two policies' responses") in err
+    # the same directory, trained again into another stage
+    meta = json.loads((tiny_ckpt_b / "config.json").read_text())
+    retrained = d / "retrained"
+    shutil.copytree(tiny_ckpt_b, retrained)
+    _write(d / "first.jsonl", [{**read_rows(out)[0], "model": str(retrained)}])
+    (retrained / "config.json").write_text(json.dumps({**meta, "stage": "sft"}))
+    err = _mistake(capsys, ["--ckpt", str(retrained), *argv[:2], "--out", str(d / "first.jsonl"), "--port", "0"])
+    assert f'first.jsonl:1: stage: {retrained} was stage "pretrain" when the responses were sampled, it is stage "sft"' \
+        in err
+    # rows of --responses continued with --ckpt
+    assert _run(monkeypatch, ["--responses", str(responses), "--out", str(d / "r.jsonl")], _judge_first) == 0
+    assert "model" not in read_rows(d / "r.jsonl")[0]
+    err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), *argv[:2], "--out", str(d / "r.jsonl"), "--port", "0"])
+    assert "r.jsonl:1: model: missing: the rows are of --responses or of an older `label`" in err
+    assert out.read_bytes() == before and len(fake_sampling) == 2
