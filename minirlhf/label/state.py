@@ -46,6 +46,7 @@ K_MIN, K_MAX = 2, 8  # 8: any tie pattern then fits the 7 rating levels of the r
 RATING_BEST, RATING_SKIP = 7, 4
 SESSION_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 HOLD_SECONDS = 3600.0  # a hold older than this (a tab left open) may go to another session
+FIRST_HOLD_SECONDS = 600.0  # the same for a session that has judged nothing yet (a request, not a person?)
 
 
 class BadRequest(ValueError):
@@ -177,15 +178,20 @@ def changed_models(given: list[str], models: list[str]) -> str:
 
 class LabelState:
     """Items, sessions and the labels file; every public method takes the lock. Methods
-    return the session's view: {"session", "mode", "item", "progress", "can_undo"[, "result"]}."""
+    return the session's view: {"session", "mode", "item", "progress", "can_undo"}; when
+    item is None also "held_by_others" (prompts other sessions hold) and "first_free_in"
+    (seconds until the first of those holds may expire, or None), and with --compare, once
+    every judgement is in, "result" (the win rate; never earlier, so the comparison stays blind)."""
 
     def __init__(self, items: list[Item], store, *, mode: str = "rank", overlap: float = 0.0, seed: int = 0,
-                 models: list[str] | None = None, source: dict | None = None, hold_seconds: float = HOLD_SECONDS,
+                 models: list[str] | None = None, source: dict | None = None,
+                 hold_seconds: float = HOLD_SECONDS, first_hold_seconds: float = FIRST_HOLD_SECONDS,
                  clock=time.monotonic, on_change=None):
         self.items, self.store, self.mode, self.models = items, store, mode, models
         self.source = source  # ranking from --ckpt: {"model": resolved path, "stage"}, recorded in each row
         self.on_change = on_change  # called with self, under the lock, after each row written or removed
         self.seed, self.hold_seconds, self.clock = seed, hold_seconds, clock
+        self.first_hold_seconds = min(first_hold_seconds, hold_seconds)
         self.lock = threading.Lock()
         self.needs = [1] * len(items)
         for i in overlapped(len(items), overlap, seed):
@@ -231,9 +237,16 @@ class LabelState:
         self.sessions[sid].hold = _Hold(item, order, self.clock())
         self.holders[item].add(sid)
 
+    def _left(self, sid: str) -> float:
+        """Seconds until the session's hold may go to another session (<= 0: it may now). A
+        session that has judged nothing holds for first_hold_seconds only: a request without a
+        session id (a script, a page opened and forgotten) cannot keep a prompt for an hour."""
+        s = self.sessions[sid]
+        limit = self.hold_seconds if s.rows else self.first_hold_seconds
+        return s.hold.since + limit - self.clock() if s.hold is not None else 0.0
+
     def _active(self, sid: str) -> bool:
-        hold = self.sessions[sid].hold
-        return hold is not None and self.clock() - hold.since < self.hold_seconds
+        return self._left(sid) > 0
 
     def _offer(self, sid: str) -> None:
         """Give `sid` an item unless it holds one: the first it has not judged that has room."""
@@ -283,9 +296,13 @@ class LabelState:
         with self.lock:
             sid = self._session(body, create=True)
             _check_keys(body, {"session"})
+            new = sid not in self.sessions
             self.sessions.setdefault(sid, _Session())  # new, or a session from before a restart
             self._offer(sid)
-            return self._view(sid)
+            view = self._view(sid)
+            if new and self.sessions[sid].hold is None:  # nothing to hold, nothing judged: keep no state
+                del self.sessions[sid]
+            return view
 
     def judge(self, body: dict) -> dict:
         """body: {"session", "item", "ranking": display positions best first, "ties": [bool] * (K-1)}
@@ -372,10 +389,17 @@ class LabelState:
         if hold is not None:
             it = self.items[hold.item]
             item = {"id": hold.item, "prompt": it.prompt, "responses": [it.responses[j] for j in hold.order]}
-        view = {"session": sid, "mode": self.mode, "item": item, "progress": self.progress(sid),
+        progress = self.progress(sid)
+        view = {"session": sid, "mode": self.mode, "item": item, "progress": progress,
                 "can_undo": bool(self.sessions[sid].rows)}
-        if item is None and self.mode == "compare":  # blind until this person is done
-            view["result"] = self.result()
+        if item is None:  # nothing for this session now: what the others hold, and for how long
+            held = [self._left(h) for h in self.sessions if h != sid and self._active(h)]
+            view["held_by_others"] = len(held)
+            view["first_free_in"] = round(min(held)) if held else None  # seconds
+            if self.mode == "compare" and progress["done"] >= progress["total"]:
+                # blind until the whole comparison is done: nothing left, nothing held by anyone
+                # (a session that has nothing to do yet, or a new one, learns nothing earlier)
+                view["result"] = self.result()
         return view
 
     def summary(self) -> dict:

@@ -524,3 +524,51 @@ def test_a_refused_undo_leaves_the_file_no_temp_and_no_open_fd(tmp_path, monkeyp
         status, view = c.judge_by_text(view, list(view["item"]["responses"]))
         assert status == 200
     assert [r["item"] for r in read_rows(out)] == [0]
+
+
+# ---- --compare stays blind until every judgement is in; holds of sessions that judged nothing ----
+
+def test_compare_reveals_the_result_only_once_the_whole_comparison_is_done(tmp_path):
+    pairs = [Item(f"prompt {i}?", (f"A says {i}", f"B says {i}")) for i in range(3)]
+    now = [0.0]
+    with running(tmp_path / "c.jsonl", pairs, mode="compare", models=["/runs/a", "/runs/b"],
+                 clock=lambda: now[0]) as server:
+        one, two, three = Client(server), Client(server), Client(server)
+        v1, v2, v3 = one.next(), two.next(), three.next()
+        assert [v["item"]["id"] for v in (v1, v2, v3)] == [0, 1, 2]
+        late = Client(server).next()  # nothing left for a new session, nothing judged by it
+        assert late["item"] is None and "result" not in late
+        assert late["held_by_others"] == 3 and late["first_free_in"] == 600
+        assert late["session"] not in server.state.sessions  # a session that got nothing is not kept
+        status, v1 = one.post("/api/judge", {"item": 0, "ranking": [0, 1], "ties": [False]})
+        assert status == 200 and v1["item"] is None and "result" not in v1  # done, but the others are not
+        assert v1["held_by_others"] == 2
+        status, v2 = two.post("/api/skip", {"item": 1})
+        now[0] = 601.0  # three's hold (a session that judged nothing) may go to another session now
+        assert v2["item"] is None and "result" not in v2
+        taker = Client(server)
+        assert taker.next()["item"]["id"] == 2
+        status, err = three.post("/api/judge", {"item": 2, "ranking": [0, 1], "ties": [False]})
+        assert status == 400
+        status, done = taker.post("/api/judge", {"item": 2, "ranking": [1, 0], "ties": [False]})
+        assert status == 200 and done["item"] is None
+        rows = read_rows(tmp_path / "c.jsonl")
+        a_wins = sum(r.get("winner") == "A" for r in rows)
+        expected = {"model_a": "/runs/a", "model_b": "/runs/b", "judgements": 2, "a_wins": a_wins,
+                    "b_wins": 2 - a_wins, "ties": 0, "skipped": 1, "win_rate_a": a_wins / 2}
+        for view in (done, one.next(), Client(server).next()):  # everyone, once nothing is left
+            assert {k: view["result"][k] for k in expected} == expected
+
+
+def test_a_session_that_has_judged_holds_its_prompt_for_the_full_hour(tmp_path):
+    now = [0.0]
+    with running(tmp_path / "labels.jsonl", ITEMS[:2], clock=lambda: now[0]) as server:
+        worker = Client(server)
+        view = worker.next()
+        status, view = worker.judge_by_text(view, list(view["item"]["responses"]))
+        assert view["item"]["id"] == 1
+        now[0] = 3000.0  # past the first hold of 600 s, within the hour
+        other = Client(server).next()
+        assert other["item"] is None and other["held_by_others"] == 1 and other["first_free_in"] == 600
+        now[0] = 3600.0
+        assert Client(server).next()["item"]["id"] == 1

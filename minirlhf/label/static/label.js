@@ -253,6 +253,7 @@
   }
 
   function pct(x) { return `${(100 * x).toFixed(1)}%`; }
+  function duration(s) { return s >= 60 ? `${Math.ceil(s / 60)} min` : `${Math.max(1, s)} s`; }
 
   // a prompt is a string, or a conversation: [{role, content}, ...] ending with the user's turn
   function renderPrompt(prompt) {
@@ -275,8 +276,10 @@
     const p = view.progress;
     $("done-text").textContent = p.done >= p.total
       ? `Every prompt is judged (${p.done} of ${p.total}). Thank you! You can close this page.`
-      : `No prompt is left for you now (${p.done} of ${p.total} done; the rest are with other annotators). ` +
-        "Reload later to check.";
+      : `No prompt is left for you now (${p.done} of ${p.total} done). ` + (view.held_by_others
+        ? `Other sessions hold ${view.held_by_others} prompt${view.held_by_others === 1 ? "" : "s"}; a hold ` +
+          `left without a judgement expires, the first in about ${duration(view.first_free_in)}. `
+        : "The rest wait for a second annotator (overlapped prompts). ") + "Reload later to check.";
     const r = view.result;
     $("result").hidden = !r;
     if (r) {
