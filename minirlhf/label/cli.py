@@ -127,6 +127,9 @@ def max_new_tokens(args, prompts: list, todo: list[int], ckpts: list[str]) -> tu
             note = (f"--max-new-tokens {chosen}: the default {DEFAULT_MAX_NEW_TOKENS} less what the longest prompt "
                     f"({where(todo[j])}, {lengths[j]} tokens) takes of model.max_seq_len={L} of {c}")
     for c, (lengths, L) in measured.items():
+        if chosen > L - 2:  # an option mistake, not a prompt's: say so instead of a negative room
+            raise ValueError(f"--max-new-tokens {chosen}: exceeds model.max_seq_len={L} of {c}, which holds at most "
+                             f"{L - 2} new tokens (next to the EOS and a prompt of one token)")
         room = L - chosen - 1
         for j, n in enumerate(lengths):
             if n > room:

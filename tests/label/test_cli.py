@@ -382,6 +382,12 @@ def test_a_prompt_over_its_token_budget_is_named_before_sampling(files, tiny_ckp
                             "--out", str(out), "--port", "0"])
     assert f"long.jsonl:3: prompt: {n} tokens, but model.max_seq_len={L}" in err
     assert f"leaves {L - 8 - 1} for a prompt next to --max-new-tokens=8" in err
+    # a --max-new-tokens no prompt fits next to: the option is named, not a negative room
+    for big in (str(L - 1), "99999999999999999999"):
+        err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--max-new-tokens", big,
+                                "--out", str(out), "--port", "0"])
+        assert f"--max-new-tokens {big}: exceeds model.max_seq_len={L} of {tiny_ckpt}, which holds at most {L - 2}" \
+            in err and "leaves -" not in err
     # with the default --max-new-tokens, a prompt that leaves no room at all
     prompts, n = _long_prompts(d, tokenizer, L)
     err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--port", "0"])
