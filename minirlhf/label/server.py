@@ -10,7 +10,8 @@ Access: on a loopback address anyone on this machine may connect, but the Host h
 must name the loopback address (a web page on another site cannot reach the server
 through DNS rebinding). On any other address every request needs the access token: as
 ?token= (the printed URL; the page then keeps it in an HttpOnly SameSite=Strict cookie)
-or in that cookie; without it the answer is 403. POSTs must be application/json (a
+or in that cookie; without it the answer is 403. A request with Content-Length or Host twice, or any Transfer-Encoding, is 400 (no header
+that two parsers could read two ways: request smuggling). POSTs must be application/json (a
 cross-site form cannot send that without a CORS preflight, which is never granted) and at
 most MAX_BODY bytes; anything malformed is 400 and changes nothing. Every answer but the
 page's own files is JSON, the refusals too, and every one carries the security headers: any
@@ -139,6 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, route) -> None:
         try:
+            self._check_framing()
             url = urlsplit(self.path)
             set_cookie = self._check_access(url)
             route(url, set_cookie)
@@ -170,6 +172,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self, url, set_cookie: bool) -> None:
         raise _Reply(405, f"method {self.command[:20]!r} not allowed (GET the page, POST to /api/...)")
+
+    def _check_framing(self) -> None:
+        """400 for headers two parsers could read two ways (request smuggling through a proxy in
+        front): Content-Length or Host given twice (the stdlib would take the first), and any
+        Transfer-Encoding (the stdlib does not decode chunked bodies; with a Content-Length as
+        well, a proxy may frame the body by the other header)."""
+        for name in ("Content-Length", "Host"):
+            if len(self.headers.get_all(name) or ()) > 1:
+                raise _Reply(400, f"{name} given more than once")
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise _Reply(400, "Transfer-Encoding is not accepted: send the body with one Content-Length")
 
     def _check_access(self, url) -> bool:
         """403 unless the request may come in; True when the token arrived in the query (set the cookie)."""

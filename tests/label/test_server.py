@@ -572,3 +572,35 @@ def test_a_session_that_has_judged_holds_its_prompt_for_the_full_hour(tmp_path):
         assert other["item"] is None and other["held_by_others"] == 1 and other["first_free_in"] == 600
         now[0] = 3600.0
         assert Client(server).next()["item"]["id"] == 1
+
+
+def test_ambiguous_framing_headers_are_refused_and_change_nothing(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with running(out) as server:
+        a = Client(server)
+        view = a.next()
+        host = f"Host: 127.0.0.1:{server.port}\r\n".encode()
+        body = json.dumps({"session": a.session, "item": view["item"]["id"], "ranking": [0, 1, 2]}).encode()
+        n = str(len(body)).encode()
+        start = b"POST /api/judge HTTP/1.1\r\nContent-Type: application/json\r\n"
+        requests = {
+            "Content-Length twice": start + host + b"Content-Length: " + n + b"\r\nContent-Length: 0\r\n\r\n" + body,
+            "Content-Length twice, equal": start + host + b"Content-Length: " + n + b"\r\nContent-Length: " + n
+            + b"\r\n\r\n" + body,
+            "Host twice": start + host + b"Host: evil.example\r\nContent-Length: " + n + b"\r\n\r\n" + body,
+            "Transfer-Encoding and Content-Length": start + host + b"Transfer-Encoding: chunked\r\nContent-Length: "
+            + n + b"\r\n\r\n" + body,
+            "Transfer-Encoding alone": start + host + b"Transfer-Encoding: chunked\r\n\r\n"
+            + hex(len(body))[2:].encode() + b"\r\n" + body + b"\r\n0\r\n\r\n",
+            "GET with Host twice": b"GET / HTTP/1.1\r\n" + host + host + b"\r\n",
+        }
+        for what, request in requests.items():
+            status, headers, reply = _raw_reply(server.port, request)
+            assert status == 400, (what, status, reply[:200])
+            assert json.loads(reply)["error"] and "X-Frame-Options" in headers, what
+        assert not out.exists() or out.read_bytes() == b""
+        assert a.next()["item"] == view["item"]  # nothing judged
+        # the same judgement framed once is taken
+        status, _, reply = _raw_reply(server.port, start + host + b"Content-Length: " + n + b"\r\n\r\n" + body)
+        assert status == 200, reply
+    assert [r["item"] for r in read_rows(out)] == [view["item"]["id"]]
