@@ -111,7 +111,10 @@ class Server:
     def __init__(self, argv, cwd):
         self.proc = subprocess.Popen([sys.executable, "-m", "minirlhf", "label", "--port", "0", *argv], cwd=cwd,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     # Ctrl-C as in a terminal, even where pytest itself runs in the background
+                                     # (a shell's background job inherits SIGINT ignored, and so would the server)
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         Server.started.append(self)
         self.lines = []
         deadline = time.time() + 120
