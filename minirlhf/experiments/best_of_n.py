@@ -18,7 +18,6 @@ process draws the same samples on every run.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..evaluate import mean_se
 from ..generate import sample_responses
 from ..metrics import progress
 from ..reward import score_texts
-from .arms import read_object, require
+from .arms import read_object, require, write_json
 from .stats import best_of_n_expectation, best_of_n_kl
 
 RESULT_FILE = "best_of_n.json"
@@ -117,7 +116,5 @@ def sample_scores(policy, rm, tokenizer, prompts: list, *, n_max: int, gold_scor
 
 
 def _write(out: Path, result: dict) -> dict:
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json(out, result)
     return result

@@ -9,7 +9,6 @@ from the numbers. Nothing here measures anything.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
