@@ -516,7 +516,7 @@ def test_a_refused_undo_leaves_the_file_no_temp_and_no_open_fd(tmp_path, monkeyp
         assert status == 500 and "Operation not permitted" in err["error"]
         assert out.read_bytes() == before
         assert not list(tmp_path.glob(".*"))  # no .labels.jsonl.undo.tmp
-        assert fds() == open_before
+        assert fds() <= open_before  # nothing leaked (the server may close the connection it answered 500 on)
         assert _state_of(server) == state_before
         monkeypatch.undo()  # the rename works again: so does the undo, and the file stays writable
         status, view = c.post("/api/undo")
