@@ -17,7 +17,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import DEVICE, PPO_ITERATION_GROUP, measure
+from conftest import DEVICE, PPO_ITERATION_GROUP, measure, time_calls
 
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer over "t2".."t{V-1}" with <pad> = 0 and <eos> = 1 (TRL's side uses the
@@ -33,6 +33,33 @@ def word_tokenizer(vocab_size: int):
     template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} <eos>{% endif %}"
                 "{% endfor %}")
     return HFTokenizer(tok, template, {"eos_token": "<eos>", "pad_token": "<pad>"})
+
+
+def update_flops(model_cfg, s: dict) -> int:
+    """FLOPs of the PPO update of one iteration at the shapes s: the forward and backward of the
+    policy (LM head on the response columns) and of the critic over every minibatch, in every
+    epoch, as torch's FlopCounterMode counts them (matmuls and attention; the losses add no matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minirlhf.logprobs import response_logits, response_values
+    from minirlhf.model import Transformer
+
+    policy, critic = Transformer(model_cfg), Transformer(model_cfg)
+    rows, P = s["prompts"] // s["minibatches"], s["prompt_len"]
+    tokens = torch.randint(2, s["vocab_size"], (rows, P + s["new_tokens"]))
+    with FlopCounterMode(display=False) as counter:
+        loss = response_logits(policy, tokens, None, P).sum() + response_values(critic, tokens, None, P).sum()
+        loss.backward()
+    return counter.get_total_flops() * s["minibatches"] * s["ppo_epochs"]
+
+
+def matmul_gflops(m: int, k: int, n: int, rounds: int = 200) -> float:
+    """GFLOP/s of one fp32 (m, k) @ (k, n) matmul on this machine, fastest of `rounds` (after 20 warm-up calls)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(20):
+        a @ b
+    best = min(time_calls(lambda: a @ b, rounds))
+    return 2 * m * k * n / best / 1e9
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the TRL PPO comparison is measured on CPU")
@@ -79,8 +106,14 @@ def test_minirlhf_ppo_iteration(benchmark, tmp_path, ppo_iteration_shapes, ppo_i
     policy_parameters = Transformer(ppo_iteration_model_config).num_params()
     phases = {p: statistics.median(r[f"time/{p}"] for r in timed) for p in ("generate", "score", "bookkeeping",
                                                                             "update")}
+    # how close the update is to the machine's matmul speed: its FLOPs per iteration (counted) over its
+    # time, beside one matmul of its largest shape timed now (what "matmul-bound" in the README rests on)
+    update_gflop = update_flops(model_cfg, s) / 1e9
     measure(benchmark, lambda: None, group=PPO_ITERATION_GROUP, impl="minirlhf", ours=True, memory=False,
             rounds=1, time_s=statistics.median(per_iteration), iteration_s=per_iteration,
             response_len=statistics.mean(r["response_len"] for r in timed),
             **{f"{p}_s": v for p, v in phases.items()}, shapes=json.loads(json.dumps(s)),
+            update_GFLOP=update_gflop, update_GFLOPs=update_gflop / phases["update"],
+            matmul_GFLOPs=matmul_gflops(s["prompts"] // s["minibatches"] * (s["prompt_len"] + s["new_tokens"]),
+                                        s["dim"], s["ffn_dim"]),
             policy_parameters=policy_parameters, **{k: s[k] for k in ("prompts", "new_tokens", "ppo_epochs")})
