@@ -15,7 +15,6 @@ checkpoint and `load` finds it there.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -25,19 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from .files import fsync, write_json
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer, load_tokenizer as _load_tokenizer_dir
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.pt"
-
-
-def fsync(path) -> None:
-    """fsync a file or a directory by path (a directory: so a rename or a new file in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -192,8 +183,4 @@ def update_info(path, **info) -> None:
     p = _resolve(path)
     meta = read_meta(p)
     meta["info"] = {**meta.get("info", {}), **info}
-    tmp = p / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    fsync(tmp)
-    tmp.replace(p / CONFIG_FILE)
-    fsync(p)
+    write_json(p / CONFIG_FILE, meta, indent=2)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import sys
 from pathlib import Path
 
 from . import config as C
 from . import distributed
 from .checkpoint import NonFiniteError
+from .files import write_json
 from .loop import StageStopped
 
 COMMANDS = {
@@ -248,7 +248,7 @@ def _announce(cfg: C.RunConfig, run_dir: Path) -> None:
         if isinstance(values, dict):
             print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     if distributed.is_main():
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1))
+        write_json(run_dir / "config.json", resolved)
 
 
 def cmd_generate(args) -> int:

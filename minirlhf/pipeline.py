@@ -23,6 +23,7 @@ from .config import RunConfig
 from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
                    row_lines)
 from .device import resolve_device, seed_everything, use_all_cores
+from .files import write_json
 from .metrics import Metrics
 from .tokenizer import TOKENIZER_FILE, Tokenizer, token_stream
 
@@ -297,7 +298,7 @@ def adopt_model(cfg: RunConfig, run_dir: Path, ckpts: dict, max_seq_len: int | N
     if distributed.is_main():
         from .config import to_dict
 
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        write_json(run_dir / "config.json", to_dict(cfg))
         print(f"[config] model of {first_label}: " + ", ".join(f"{k}={v}" for k, v in to_dict(cfg)["model"].items()))
     return cfg
 
@@ -443,9 +444,7 @@ def _record_key(path: Path, name: str, key: dict) -> None:
         return
     keys = json.loads(path.read_text()) if path.exists() else {}
     keys[name] = key
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(keys, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_json(path, keys, sort_keys=True)
 
 
 def _flat(cfg: RunConfig) -> dict:
@@ -511,9 +510,7 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
 
 def _write_wall(path: Path, wall: dict) -> None:
     """wall_times.json, replaced whole (the other ranks may be reading it as rank 0 passes finished stages)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(wall))
-    tmp.replace(path)
+    write_json(path, wall, indent=None)
 
 
 def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=None, rm_dir=None) -> Path:
@@ -580,6 +577,6 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
                                    seq_len=cfg.pretrain.seq_len, seed=cfg.seed, device=resolve_device(cfg.device))
     out = {k: {kk: vv for kk, vv in v.items() if kk not in ("responses", "rm_scores")} for k, v in results.items()}
     if distributed.is_main():
-        (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+        write_json(run_dir / "eval.json", out, indent=2)
     distributed.barrier()
     return out

@@ -5,7 +5,6 @@ by; report.md shows the same numbers with plots and sample responses for a perso
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from . import checkpoint, monitor
 from .config import RunConfig
 from .device import resolve_device
+from .files import write_json
 from .metrics import stage_history
 
 
@@ -123,7 +123,7 @@ def write_report(cfg: RunConfig, run_dir, evals: dict, *, prompts: list[str], rm
         "device": str(resolve_device(cfg.device)),
         "torch_threads": torch.get_num_threads(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))  # strict JSON: inf/nan -> null
+    write_json(run_dir / "summary.json", _finite(summary), indent=2)  # strict JSON: inf/nan -> null
     _plot_gold(evals, run_dir / "gold_by_stage.png")
     _plot_ppo(ppo_rows, run_dir / "ppo_curves.png")
     _plot_monitor(ppo_rows, alarms, run_dir / "monitor.png")

@@ -29,7 +29,7 @@ from typing import Callable
 
 from .. import checkpoint, distributed
 from ..config import RunConfig, to_dict
-from ..interop.files import read_json_object
+from ..files import read_json_object, write_json
 from ..metrics import METRICS_FILE
 from ..pipeline import STAGE_FIELDS, STAGES_FILE, stage_output, stages_of
 from ..pipeline import stage_keys as pipeline_stage_keys
@@ -50,16 +50,6 @@ class Arm:
         never the 1e-299 of another variant); run_experiment refuses arms whose directories coincide."""
         slug = "".join(c if c.isalnum() or c in ".-_" else "p" if c == "+" else "-" for c in self.variant)
         return f"{slug}-s{self.seed}"
-
-
-def read_object(path: Path) -> dict:
-    """A JSON object file of an experiment (config.json, arm.json, experiment.json, ...); ValueError
-    in one line naming the file: unreadable (a directory, no permission), not UTF-8, not JSON, not
-    an object."""
-    try:
-        return read_json_object(path)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def require(path: Path, obj: dict, fields: dict, where: str = "") -> None:
@@ -148,7 +138,7 @@ def link_shared_stages(cfg: RunConfig, arm_dir: Path, pool: Path) -> list[str]:
         donor = prefix.parent
         if donor.resolve() == arm_dir.resolve():
             continue
-        theirs = read_object(prefix)
+        theirs = read_json_object(prefix)
         shared = []
         for s in stages:
             if theirs.get(s) != keys[s] or not _finished(s, stage_output(s, donor)):
@@ -175,8 +165,8 @@ def link_shared_stages(cfg: RunConfig, arm_dir: Path, pool: Path) -> list[str]:
         donor_wall = donor / "wall_times.json"
         if donor_wall.exists():
             own = arm_dir / "wall_times.json"
-            wall = read_object(own) if own.exists() else {}
-            wall.update({s: v for s, v in read_object(donor_wall).items() if s in linked})
+            wall = read_json_object(own) if own.exists() else {}
+            wall.update({s: v for s, v in read_json_object(donor_wall).items() if s in linked})
             write_json(own, wall, indent=None)
         print(f"[experiment] {arm_dir.name}: reusing {', '.join(linked)} of {donor}")
     return linked
@@ -203,7 +193,7 @@ def check_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
         return None
     path = arm_dir / CONFIG_FILE
     if path.exists():
-        theirs = portable(read_object(path), arm_dir)
+        theirs = portable(read_json_object(path), arm_dir)
         mine = portable(json.loads(json.dumps(to_dict(arm.cfg))), arm_dir)
         if theirs != mine:
             diff = _first_difference(theirs, mine)
@@ -211,11 +201,11 @@ def check_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
                              f"another --out, or delete {arm_dir} to run the arm again")
     for name in (PREFIX_FILE, STAGES_FILE, "wall_times.json"):
         if (arm_dir / name).exists():
-            read_object(arm_dir / name)
+            read_json_object(arm_dir / name)
     done = arm_dir / ARM_FILE
     if not done.exists():
         return None
-    rec = read_object(done)
+    rec = read_json_object(done)
     require(done, rec, ARM_FIELDS)
     if "measured_with" in rec:
         require(done, rec, {"measured_with": dict})
@@ -255,7 +245,7 @@ def prepare_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
     write_json(arm_dir / PREFIX_FILE, stage_keys(arm.cfg, arm_dir))
     stages, now = arm_dir / STAGES_FILE, arm.cfg.data.preferences
     if now and stages.exists():
-        keys = read_object(stages)
+        keys = read_json_object(stages)
         rel = _portable_key({"data.preferences": now}, arm_dir)["data.preferences"]
         moved = {s: {**k, "data.preferences": now} for s, k in keys.items()
                  if isinstance(k, dict) and isinstance(k.get("data.preferences"), str)
@@ -264,13 +254,6 @@ def prepare_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
         if moved:
             write_json(stages, {**keys, **moved})
     return rec
-
-
-def write_json(path: Path, obj, indent: int | None = 1) -> None:
-    """obj as JSON into path, written to a temporary name and renamed: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    tmp.replace(path)
 
 
 def _first_difference(a: dict, b: dict, where: str = "") -> str:

@@ -27,7 +27,8 @@ from ..evaluate import mean_se
 from ..generate import sample_responses
 from ..metrics import progress
 from ..reward import score_texts
-from .arms import read_object, require, write_json
+from ..files import read_json_object, write_json
+from .arms import require
 from .stats import best_of_n_expectation, best_of_n_kl
 
 RESULT_FILE = "best_of_n.json"
@@ -69,7 +70,7 @@ def run_best_of_n(cfg, run_dir, *, prompts: list, gold_score, n_max: int) -> dic
     prompts, every rank returns the whole result."""
     run_dir = Path(run_dir)
     out = run_dir / RESULT_FILE
-    finished = distributed.on_main(lambda: read_object(out) if out.exists() else None)
+    finished = distributed.on_main(lambda: read_json_object(out) if out.exists() else None)
     if finished is not None and finished.get("n_max") == n_max:
         require(out, finished, {"n_max": int, "ns": list, "prompts": int, "curve": list})
         return finished

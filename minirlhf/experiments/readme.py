@@ -15,7 +15,8 @@ from pathlib import Path
 from ..cli import make_dir
 from . import plots
 from .definitions import EXPERIMENTS, Options, best_of_n_stats, by_variant, final_point, gold_trajectory
-from .arms import ARM_FIELDS, read_object, require
+from ..files import read_json_object
+from .arms import ARM_FIELDS, require
 from .runner import arm_processes, link, options_text, processes_text, setting_text
 
 # what the renderer reads of an experiment.json (runner._write_report writes it)
@@ -47,7 +48,7 @@ def load(out: Path) -> dict[str, dict]:
     for name in EXPERIMENTS:
         path = out / name / "experiment.json"
         if path.exists() or path.is_symlink():
-            docs[name] = check_doc(path, read_object(path), name)
+            docs[name] = check_doc(path, read_json_object(path), name)
     return docs
 
 

@@ -18,7 +18,8 @@ from .. import distributed
 from ..config import RunConfig, replace
 from ..device import resolve_device
 from . import plots
-from .arms import check_arms, no_file_in_the_way, run_arms, write_json
+from ..files import write_json
+from .arms import check_arms, no_file_in_the_way, run_arms
 from .definitions import EXPERIMENTS, Options, by_variant, scalar_stats
 
 # `experiment all`: this order lets each experiment reuse the most finished stages of the ones before

@@ -29,7 +29,7 @@ def load_pretrained(path, max_seq_len: int | None = None, device="cpu"):
 
         return load_gguf(p, max_seq_len, device)
     if p.is_dir() and (p / "config.json").is_file():
-        from .files import read_json_object
+        from ..files import read_json_object
 
         config = read_json_object(p / "config.json")
         if "model_type" in config:

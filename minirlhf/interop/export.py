@@ -151,7 +151,7 @@ def _replace_dir(out: Path, write) -> None:
     """write(tmp) fills a fresh temporary directory next to `out`, which then takes out's place
     (the previous one is removed after the swap; a crash between the two renames leaves it as
     .{name}.*.old)."""
-    from ..checkpoint import fsync
+    from ..files import fsync
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..model import ModelConfig, Transformer
-from .files import read_json
+from ..files import read_json
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 
 from ..tokenizer import HF_TOKENIZER_FILE, ChatTokenizer, Prompt, as_messages
 from .chat_template import PLAIN_TEMPLATE, compile_template, render
-from .files import read_json_object
+from ..files import read_json_object
 
 CONFIG_FILE, TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")

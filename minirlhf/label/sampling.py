@@ -9,7 +9,7 @@ preference file format. Everything else in minirlhf/label/ is plain stdlib.
 """
 from __future__ import annotations
 
-from ..checkpoint import fsync
+from ..files import fsync
 from ..data import DataError, read_preferences, read_prompts, read_responses, row_lines
 from ..data.formats.jsonl import rows, show
 

@@ -35,7 +35,8 @@ import os
 import stat
 from pathlib import Path
 
-from .sampling import DataError, fsync
+from ..files import fsync
+from .sampling import DataError
 
 ROW_START = b'{"prompt": '  # how every row `label` writes begins (state.py puts "prompt" first)
 

@@ -24,6 +24,7 @@ from .. import checkpoint, distributed, loop
 from ..config import RunConfig
 from ..data import Annotator, Comparison, read_preferences
 from ..device import resolve_device
+from ..files import write_json
 from ..generate import sample_responses
 from ..metrics import Metrics
 
@@ -68,7 +69,7 @@ def run_rankings(cfg: RunConfig, out_path, *, sft_dir, prompts: list, gold_score
     done, lines = _done_chunks(partial, chunk) if resume else (0, [])
     distributed.barrier()  # every rank has read the partial file
     if distributed.is_main():
-        sidecar.write_text(json.dumps(made_with))
+        write_json(sidecar, made_with, indent=None)
         partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")  # drop a torn tail
     model = checkpoint.load_model_from(sft_dir, device=device)
     tokenizer = checkpoint.load_tokenizer(sft_dir)
