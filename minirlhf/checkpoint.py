@@ -3,20 +3,25 @@
     runs/NAME/<stage>/
         model.safetensors   the stage's model (policy / reward model)
         <extra>.safetensors other models of the stage (PPO's critic)
-        config.json         {"stage", "model": ModelConfig, "step", "finished", "info": {...}}
+        config.json         {"stage", "model": ModelConfig, "step", "finished", "save_id", "info": {...}}
         tokenizer.model     the SentencePiece model every stage shares
         state.pt            what --resume needs: optimizer(s), step, RNG states, stage extras
 
 A save writes everything into `<stage>.tmp/`, fsyncs each file and the directory, then
 swaps it in with renames. A crash at any point leaves either the previous checkpoint or
 the new one loadable: if it dies between the two renames, `<stage>.old/` is the previous
-checkpoint and `load` finds it there.
+checkpoint and `load` finds it there. Files are created with the usual permissions (0666 less
+the umask; safetensors alone would make them 0600, unreadable to another account). Every save
+gets a new random `save_id`: two checkpoints with the same id hold the same weights, so what
+was made from one (labels sampled from it, say) can tell when the directory was retrained.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,10 +82,12 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
         save_model(extra, str(tmp / f"{name}.safetensors"))
     tokenizer.save(tmp)  # tokenizer.model, or tokenizer.json + chat template for imported models
     meta = {"stage": stage, "model": asdict(model.cfg), "step": step, "finished": finished,
-            "extra_models": sorted(extra_models or {}), "info": info or {}}
+            "extra_models": sorted(extra_models or {}), "save_id": uuid.uuid4().hex, "info": info or {}}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / STATE_FILE)
+    mode = 0o666 & ~_umask()
     for f in tmp.iterdir():
+        f.chmod(mode)
         fsync(f)
     fsync(tmp)
     if path.exists():
@@ -91,6 +98,19 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
     fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_id(path) -> str | None:
+    """The random id the checkpoint's save got (None for a checkpoint written before ids existed)."""
+    value = read_meta(path).get("save_id")
+    return value if isinstance(value, str) else None
 
 
 def _is_checkpoint(p: Path) -> bool:
@@ -134,6 +154,10 @@ def load_model_from(path, name: str = "model", device="cpu") -> Transformer:
     p = _resolve(path)
     model = Transformer(ModelConfig(**meta["model"]))
     file = p / f"{name}.safetensors"
+    try:
+        open(file, "rb").close()  # safetensors reports a file it may not read as "No such file"
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read it ({e.strerror or e})") from None
     try:
         load_model(model, str(file))
     except (OSError, RuntimeError, ValueError) as e:  # missing, truncated, other shapes (safetensors' own errors too)

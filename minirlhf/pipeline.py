@@ -160,10 +160,13 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
         comparisons = inputs.preferences if own else inputs.rm_prompts  # rankings: one comparison per prompt
         held, train = heldout_split(comparisons, cfg.rm.heldout_fraction, cfg.seed)
         src = f"{cfg.data.preferences}:0: file" if own else "config: task.n_rm_prompts"
+        if own and not comparisons:
+            raise ValueError(f"{src}: no comparison: no row states a preference (a skipped row, or one whose "
+                             f"responses are all tied, carries none)")
         if not train:
             raise ValueError(f"{src}: {len(comparisons)} comparison(s); after holding out rm.heldout_fraction="
-                             f"{cfg.rm.heldout_fraction} none is left to train on (give more, or "
-                             f"--rm.heldout_fraction 0)")
+                             f"{cfg.rm.heldout_fraction} none is left to train on (give more"
+                             + (", or --rm.heldout_fraction 0)" if cfg.rm.heldout_fraction > 0 else ")"))
         if own:
             for c in inputs.preferences:
                 for r in c.responses:

@@ -81,6 +81,38 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tiny_run, tmp_path, 
     assert checkpoint.load_tokenizer(target).encode("fox")
 
 
+def test_a_checkpoint_is_readable_by_others_and_each_save_has_its_own_id(tiny_run, tmp_path):
+    import os
+    import stat
+
+    run_dir, _ = tiny_run
+    model, tok = checkpoint.load_model_from(run_dir / "sft"), checkpoint.load_tokenizer(run_dir / "sft")
+    old = os.umask(0o022)
+    try:
+        checkpoint.save(tmp_path / "a", stage="sft", model=model, tokenizer=tok, step=1, finished=True,
+                        extra_models={"critic": model})
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a").iterdir():  # safetensors alone writes 0600: another account could not load it
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    first = checkpoint.save_id(tmp_path / "a")
+    checkpoint.save(tmp_path / "a", stage="sft", model=model, tokenizer=tok, step=1, finished=True)
+    assert first and len(first) == 32 and checkpoint.save_id(tmp_path / "a") not in (None, first)
+    checkpoint.update_info(tmp_path / "a", note="kept")  # info added later: the same weights, the same id
+    assert checkpoint.save_id(tmp_path / "a") == checkpoint.read_meta(tmp_path / "a")["save_id"]
+
+
+def test_an_unreadable_weights_file_is_named_as_unreadable(tiny_run, tmp_path):
+    import shutil
+
+    run_dir, _ = tiny_run
+    shutil.copytree(run_dir / "ppo", tmp_path / "ppo")
+    (tmp_path / "ppo" / "critic.safetensors").unlink()
+    (tmp_path / "ppo" / "critic.safetensors").mkdir()  # unreadable as a file (root reads past chmod 000)
+    with pytest.raises(ValueError, match=r"critic\.safetensors: cannot read it \(Is a directory\)"):
+        checkpoint.load_model_from(tmp_path / "ppo", "critic")
+
+
 def test_ppo_never_calls_the_gold_function(tiny_run, tmp_path, monkeypatch):
     """PPO's reward is the learned RM: with every gold entry point raising, training still runs."""
     from minirlhf.data import gold, task as task_mod

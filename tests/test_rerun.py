@@ -76,6 +76,18 @@ def test_preferences_that_are_all_ties_are_refused_before_pretraining(tmp_path, 
     assert not (tmp_path / "r" / "pretrain").exists()
 
 
+@pytest.mark.parametrize("fraction", ["0", "0.2"])
+def test_preferences_that_are_all_skips_say_so_before_pretraining(tmp_path, capsys, fraction):
+    prefs = tmp_path / "labels.jsonl"  # what `label` writes when every prompt was skipped
+    prefs.write_text("".join(json.dumps({"prompt": f"q{i}?", "responses": ["a", "b"], "ratings": [4, 4],
+                                         "skipped": True}) + "\n" for i in range(3)))
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--data.preferences", str(prefs),
+                 "--rm.heldout_fraction", fraction]) == 2
+    line = _one_line(capsys)
+    assert "no row states a preference" in line and "heldout_fraction" not in line
+    assert not (tmp_path / "r" / "pretrain").exists()
+
+
 def test_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "f")]) == 2
