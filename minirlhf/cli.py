@@ -15,7 +15,7 @@ from pathlib import Path
 from . import config as C
 from . import distributed
 from .checkpoint import NonFiniteError
-from .files import write_json
+from .files import DirLock, write_json
 from .loop import StageStopped
 
 COMMANDS = {
@@ -302,14 +302,19 @@ def cmd_stages(args) -> int:
     distributed.init(cfg.model, resolve_device(cfg.device),  # several processes under torchrun; else nothing
                      distributed.Options(args.dist_strategy, args.dist_timeout, args.dist_threads))
     run_dir = _run_dir(args, cfg)
-    _announce(cfg, run_dir)
-    if args.command == "train":
-        pipeline.run_train(cfg, run_dir, resume=args.resume)
-    elif args.command == "eval":
-        pipeline.run_eval_command(cfg, run_dir, args.ckpt, ref=args.ref, rm=args.rm_ckpt)
-    else:
-        pipeline.run_one_stage(args.command, cfg, run_dir, resume=args.resume,
-                               from_dir=getattr(args, "from_dir", None), rm_dir=getattr(args, "rm_dir", None))
+    lock = DirLock(run_dir)  # one run at a time writes into a run directory
+    distributed.on_main(lock.acquire)
+    try:
+        _announce(cfg, run_dir)
+        if args.command == "train":
+            pipeline.run_train(cfg, run_dir, resume=args.resume)
+        elif args.command == "eval":
+            pipeline.run_eval_command(cfg, run_dir, args.ckpt, ref=args.ref, rm=args.rm_ckpt)
+        else:
+            pipeline.run_one_stage(args.command, cfg, run_dir, resume=args.resume,
+                                   from_dir=getattr(args, "from_dir", None), rm_dir=getattr(args, "rm_dir", None))
+    finally:
+        lock.release()
     return 0
 
 

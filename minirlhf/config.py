@@ -168,7 +168,7 @@ class PPOConfig:
     eval_prompts: int = knob(64, "held-out prompts scored during training (the final eval uses all)", ge=1)
     save_every: int = knob(10, "iterations between resume checkpoints", ge=1)
     ptx_coef: float = knob(0.0, "PPO-ptx (InstructGPT eq. 2): gamma times the LM loss on pretraining-corpus windows is "
-                                "added to the policy loss; 0 = off", ge=0)
+                                "added to the policy loss; 0 = off (InstructGPT used 27.8)", ge=0, le=100)
     ptx_batch_size: int = knob(8, "pretraining windows (of pretrain.seq_len tokens) per PPO minibatch when "
                                   "ptx_coef > 0", ge=1)
     monitor_window: int = knob(5, "over-optimisation monitor: iterations per window of its trends (KL growth rate, "

@@ -8,9 +8,12 @@ fsync of the directory makes it durable).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
+
+LOCK_FILE = ".minirlhf.lock"
 
 
 def fsync(path) -> None:
@@ -39,6 +42,40 @@ def write_json(path, obj, indent: int | None = 1, **dumps_kw) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+class DirLock:
+    """An exclusive lock on a directory a command writes into (`train --out`, a stage's --out,
+    `experiment --out`): flock(2) on DIR/.minirlhf.lock, held until release() or the process
+    ends (the kernel drops it on any exit, kill -9 included, so a stale lock cannot stay).
+
+    acquire() raises ValueError in one line when another process holds it: two runs writing
+    the same checkpoints, metrics and summaries at once would each spoil the other's results.
+    The lock file keeps the holder's pid, for the message; it is left in place (removing it
+    would let a third process lock a new file while the second still holds the old one)."""
+
+    def __init__(self, directory, option: str = "--out"):
+        self.directory, self.option = Path(directory), option
+        self._fd = -1
+
+    def acquire(self) -> None:
+        path = self.directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{self.option} {self.directory}: another minirlhf process (pid {holder}) is writing "
+                             f"there; wait for it to finish, or use another {self.option}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
 
 
 def read_json(path):

@@ -148,12 +148,17 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     return step
 
 
+# what makes a stage's numbers blow up, besides its learning rate: the loss terms a user can scale
+_ALSO_TO_LOWER = {"ppo": " (or --ppo.critic_lr, or a large --ppo.kl_coef / --ppo.ptx_coef / --ppo.entropy_coef)"}
+
+
 def _stopped(stage: str, step: int, what: str, saved: int | None) -> str:
+    lower = f"lower the learning rate (--{stage}.lr){_ALSO_TO_LOWER.get(stage, '')}"
     if saved is None:
-        return (f"{stage} stopped at step {step}: {what}; no checkpoint of this stage was saved before it — lower "
-                f"the learning rate (--{stage}.lr) and rerun")
-    return (f"{stage} stopped at step {step}: {what}; its last checkpoint (step {saved}) is kept — lower the "
-            f"learning rate (--{stage}.lr) and rerun with --resume")
+        return (f"{stage} stopped at step {step}: {what}; no checkpoint of this stage was saved before it — {lower} "
+                f"and rerun")
+    return f"{stage} stopped at step {step}: {what}; its last checkpoint (step {saved}) is kept — {lower} and rerun " \
+           f"with --resume"
 
 
 def _short(v) -> str:

@@ -236,6 +236,14 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def init_source(cfg: RunConfig) -> Path:
+    """--init-from's path, resolved; ValueError in one line when nothing is there."""
+    source = Path(cfg.init_from).expanduser().resolve()
+    if not source.exists():
+        raise ValueError(f"--init-from {cfg.init_from}: no such file or directory")
+    return source
+
+
 def import_base(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """--init-from: the pretrained model becomes the run's base checkpoint (run_dir/pretrain, stage
     "import", imported once and kept like a finished stage); returns cfg with the imported model's
@@ -245,9 +253,7 @@ def import_base(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
     from .interop import load_pretrained
 
-    source = Path(cfg.init_from).expanduser().resolve()
-    if not source.exists():
-        raise ValueError(f"--init-from {cfg.init_from}: no such file or directory")
+    source = init_source(cfg)
     out = run_dir / "pretrain"
     if not checkpoint.is_finished(out):
         if distributed.is_main():
@@ -292,7 +298,12 @@ def adopt_model(cfg: RunConfig, run_dir: Path, ckpts: dict, max_seq_len: int | N
             raise ValueError(f"{d}: {label} has model.max_seq_len={other.max_seq_len}, vocab_size="
                              f"{other.vocab_size}; {first_label} ({first}) has {shape.max_seq_len}, "
                              f"{shape.vocab_size}: both must come from the same base model")
-    # pretraining never runs on an adopted model: its window only has to fit the adopted context
+    # pretraining never runs on an adopted model: its window only has to fit the adopted context, unless
+    # PPO-ptx draws its pretraining windows with it (then a shorter window than asked for is refused, not cut)
+    if cfg.ppo.ptx_coef > 0 and cfg.pretrain.seq_len > shape.max_seq_len:
+        raise ValueError(f"config: pretrain.seq_len={cfg.pretrain.seq_len} (the PPO-ptx windows, ppo.ptx_coef="
+                         f"{cfg.ppo.ptx_coef}) exceeds the model.max_seq_len={shape.max_seq_len} of {first_label} "
+                         f"({first}); rerun with --pretrain.seq_len {shape.max_seq_len} or less")
     pretrain = dataclasses.replace(cfg.pretrain, seq_len=min(cfg.pretrain.seq_len, shape.max_seq_len))
     try:
         cfg = dataclasses.replace(cfg, model=shape, pretrain=pretrain)

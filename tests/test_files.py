@@ -67,3 +67,46 @@ def test_an_unreadable_path_is_one_line_too(tmp_path):
         files.read_json(tmp_path / "missing.json")
     with pytest.raises(ValueError, match=r": cannot read it \(Is a directory\)"):
         files.read_json(tmp_path)
+
+
+def test_a_second_process_on_a_locked_directory_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    first = files.DirLock(tmp_path, "--out")
+    first.acquire()
+    try:  # another process (flock is per open file: the kernel, not this module, decides)
+        code = textwrap.dedent(f"""
+            from minirlhf.files import DirLock
+            try:
+                DirLock({str(tmp_path)!r}).acquire()
+            except ValueError as e:
+                print(e)
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == (f"--out {tmp_path}: another minirlhf process (pid {os.getpid()}) is writing there; "
+                               f"wait for it to finish, or use another --out")
+    finally:
+        first.release()
+    again = files.DirLock(tmp_path)  # released: free again
+    again.acquire()
+    again.release()
+
+
+def test_train_and_experiment_refuse_an_out_another_run_holds(tmp_path, capsys):
+    from minirlhf.cli import main
+
+    for argv, out in ((["train", "--preset", "tiny"], tmp_path / "run"),
+                      (["experiment", "ptx", "--smoke"], tmp_path / "exp")):
+        out.mkdir()
+        held = files.DirLock(out)
+        held.acquire()
+        try:
+            assert main([*argv, "--out", str(out)]) == 2
+        finally:
+            held.release()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --out {out}: another minirlhf process (pid {os.getpid()}) is writing there; "
+                       f"wait for it to finish, or use another --out"]
+        assert not (out / "config.json").exists() and not (out / "pretrain").exists()

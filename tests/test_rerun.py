@@ -60,6 +60,7 @@ def test_checkpoints_that_do_not_belong_together(tiny_run, tmp_path, capsys):
     (["--seed", str(2**32)], "config: seed=4294967296: must be >= 0 and <= 4294967295"),
     (["--dist.timeout", "inf"], "argument --dist.timeout: inf must be >= 1 and finite"),
     (["--dist.timeout", "0"], "argument --dist.timeout: 0 must be >= 1"),
+    (["--ppo.ptx_coef", "1e30"], "config: ppo.ptx_coef=1e+30: must be >= 0 and <= 100"),
 ])
 def test_mistakes_found_before_any_stage_runs(tmp_path, capsys, args, message):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), *args]) == 2
@@ -228,3 +229,15 @@ def test_a_stage_from_a_checkpoint_of_another_preset(tiny_run, tmp_path, capsys)
                  "--rm.max_new_tokens", "100"]) == 2
     line = _one_line(capsys)
     assert f"{run / 'sft'}: --from has model.max_seq_len=96" in line and "rm.max_new_tokens=100" in line, line
+
+
+def test_ptx_windows_longer_than_the_adopted_context_are_refused_not_cut(tiny_run, tmp_path, capsys):
+    """PPO-ptx draws pretrain.seq_len windows: from a checkpoint with a shorter context (tiny's 96
+    under the quick preset's 128) the window cannot be cut silently; without PPO-ptx it may be."""
+    run = tiny_run[0]
+    args = ["ppo", "--from", str(run / "sft"), "--rm", str(run / "rm"), "--ppo.ptx_coef", "0.1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert _one_line(capsys) == (f"error: config: pretrain.seq_len=128 (the PPO-ptx windows, ppo.ptx_coef=0.1) exceeds "
+                                 f"the model.max_seq_len=96 of --from ({run / 'sft'}); rerun with --pretrain.seq_len 96 "
+                                 f"or less")
+    assert not (tmp_path / "a" / "ppo").exists()

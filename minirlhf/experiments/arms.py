@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import checkpoint, distributed
-from ..config import RunConfig, to_dict
+from ..config import PRESETS, RunConfig, to_dict
 from ..files import read_json_object, write_json
 from ..metrics import METRICS_FILE
 from ..pipeline import STAGE_FIELDS, STAGES_FILE, stage_output, stages_of
@@ -197,6 +197,10 @@ def check_arm_dir(arm: Arm, arm_dir: Path) -> dict | None:
         mine = portable(json.loads(json.dumps(to_dict(arm.cfg))), arm_dir)
         if theirs != mine:
             diff = _first_difference(theirs, mine)
+            if theirs.get("model") != mine.get("model"):  # most often: an --out made with another --preset
+                preset = next((n for n, make in PRESETS.items() if to_dict(make())["model"] == theirs.get("model")),
+                              None)
+                diff = f"made with --preset {preset}; {diff}" if preset else diff
             raise ValueError(f"{path}: the arm's directory holds a run of another configuration ({diff}); use "
                              f"another --out, or delete {arm_dir} to run the arm again")
     for name in (PREFIX_FILE, STAGES_FILE, "wall_times.json"):

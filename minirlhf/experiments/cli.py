@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from .. import config as C
+from ..files import DirLock
 from .runner import (ALL_ORDER, check_embedded_task, check_experiments, check_kl_coef, check_options, experiment_config,
                      run_experiment)
 
@@ -87,6 +88,8 @@ def main(args) -> int:
         make_dir(d, "--out")
     distributed.init(cfg.model, resolve_device(cfg.device),  # several processes under torchrun; else nothing
                      distributed.Options(args.dist_strategy, args.dist_timeout, args.dist_threads))
+    lock = DirLock(out)  # one experiment run at a time under an --out (its arms share stages)
+    distributed.on_main(lock.acquire)
     t0 = time.time()
     try:
         docs = [run_experiment(n, cfg, out, seeds=seeds, rounds=rounds, n_max=n_max, preset=preset,
@@ -94,6 +97,8 @@ def main(args) -> int:
     except KeyboardInterrupt:  # cli.main prints it: an experiment resumes on a plain rerun, no --resume
         raise KeyboardInterrupt("finished arms and stages are kept; run the same command again to continue "
                                 "(the unfinished arm resumes)") from None
+    finally:
+        lock.release()
     if len(docs) > 1:
         print(f"[experiment all] {time.time() - t0:.0f}s this run; the arms of all five took "
               f"{sum(d['wall_s'] for d in docs) / 60:.1f} min -> {out}")

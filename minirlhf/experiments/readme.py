@@ -103,8 +103,9 @@ def overoptimisation_series(docs: dict) -> list:
 
 def _machine(doc: dict) -> str:
     m = doc["machine"]
-    return (f"{doc['device']} ({m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {m['torch_threads']} "
-            f"threads per process)")
+    threads = m["torch_threads"]
+    return (f"{doc['device']} ({m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {threads} "
+            f"thread{'' if threads == 1 else 's'} per process)")
 
 
 def _setting(doc: dict) -> str:

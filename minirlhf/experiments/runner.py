@@ -19,6 +19,7 @@ from ..config import RunConfig, replace
 from ..device import resolve_device
 from . import plots
 from ..files import write_json
+from ..pipeline import init_source
 from .arms import check_arms, no_file_in_the_way, run_arms
 from .definitions import EXPERIMENTS, Options, by_variant, scalar_stats
 
@@ -117,6 +118,8 @@ def check_experiments(names, cfg: RunConfig, out_root, *, seeds: int, rounds: in
     experiment's directory or one of its arms' directories cannot be made or holds what the run
     cannot use (arms.check_arms: another configuration, unreadable files, two arms in one
     directory), for every experiment of `names` (all of them for `experiment all`)."""
+    if cfg.init_from:
+        init_source(cfg)
     out_root = Path(out_root)
     for name in names:
         for d in (out_root, out_root / name, out_root / name / "arms"):

@@ -60,6 +60,7 @@ def arm_dirs(name, out, cfg=SMOKE, seeds=1):
      "--seed 4294967295 --seeds 2: the arms would use seeds 4294967295..4294967296; every seed must be between 0 "
      "and 4294967295"),
     (["kl-sweep", "--seed", "4294967290", "--seeds", "7"], "seeds 4294967290..4294967296"),
+    (["ptx", "--init-from", "/nonexistent/model.gguf"], "--init-from /nonexistent/model.gguf: no such file or directory"),
 ])
 def test_bounds_are_one_line_before_anything(tmp_path, capsys, no_compute, argv, needle):
     out = tmp_path / "exp"
@@ -116,6 +117,16 @@ def test_a_wrong_arm_directory_of_the_last_arm_is_found_before_the_first_compute
     one_line_error(capsys, ["experiment", "kl-sweep", "--smoke", "--out", str(out)],
                    f"{last / CONFIG_FILE}: the arm's directory holds a run of another configuration (seed: 7 there")
     assert sorted(p.name for p in (out / "kl-sweep" / "arms").iterdir()) == [last.name]
+
+
+def test_an_arm_of_another_preset_says_which(tmp_path, capsys, no_compute):
+    out = tmp_path / "exp"
+    last = arm_dirs("kl-sweep", out)[-1]
+    last.mkdir(parents=True)
+    (last / CONFIG_FILE).write_text(json.dumps(_dict(SMOKE)))  # what `--smoke` (the tiny preset) wrote there
+    one_line_error(capsys, ["experiment", "kl-sweep", "--out", str(out)],  # now the quick preset
+                   f"{last / CONFIG_FILE}: the arm's directory holds a run of another configuration (made with "
+                   f"--preset tiny; ")
 
 
 def test_all_checks_every_experiments_arms_before_anything(tmp_path, capsys, no_compute):
