@@ -38,6 +38,8 @@ import os
 import sys
 from pathlib import Path
 
+from .files import json_error
+
 BEGIN, END = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
 
 def _n(count, word: str) -> str:
@@ -199,7 +201,7 @@ def load(path: Path) -> tuple[dict | None, str | None]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise ValueError(f"{path}: not JSON ({json_error(e)} of line {e.lineno})") from None
     if not isinstance(data, dict):
         return None, f"a JSON {type(data).__name__}, not a pytest-benchmark result"
     if "comparisons" not in data:

@@ -18,7 +18,6 @@ was made from one (labels sampled from it, say) can tell when the directory was 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import uuid
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from .files import fsync, write_json
+from .files import fsync, give_usual_mode, write_json
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer, load_tokenizer as _load_tokenizer_dir
 
@@ -85,9 +84,8 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
             "extra_models": sorted(extra_models or {}), "save_id": uuid.uuid4().hex, "info": info or {}}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / STATE_FILE)
-    mode = 0o666 & ~_umask()
     for f in tmp.iterdir():
-        f.chmod(mode)
+        give_usual_mode(f)
         fsync(f)
     fsync(tmp)
     if path.exists():
@@ -98,13 +96,6 @@ def save(path, *, stage: str, model: Transformer, tokenizer: Tokenizer, step: in
     fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def _umask() -> int:
-    """This process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_id(path) -> str | None:

@@ -5,6 +5,9 @@ wall times, experiment records, checkpoint info) goes through write_json: the te
 to `NAME.tmp` beside it, fsynced, and renamed over NAME, so a crash or a kill leaves either the
 old file or the new one, never half of one (the rename is atomic on POSIX filesystems; the
 fsync of the directory makes it durable).
+
+Also here: the usual permissions for what tempfile and safetensors create private
+(give_usual_mode), and the one wording of a JSON syntax error (json_error).
 """
 from __future__ import annotations
 
@@ -23,6 +26,29 @@ def fsync(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_usual_mode(*paths) -> None:
+    """chmod each path to what a plain create gives: a directory 0777, a file 0666, less the
+    umask. tempfile.mkdtemp / mkstemp make 0700 / 0600, and so does safetensors' save_file,
+    which would leave a checkpoint or an export unreadable to another account."""
+    mask = umask()
+    for p in paths:
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """What is wrong and in which column, as one phrase: "Expecting value at column 6",
+    "Unterminated string starting at column 7" (the json module's messages for a string and a
+    control character end in "at" already); the caller names the file and line."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def write_json(path, obj, indent: int | None = 1, **dumps_kw) -> None:
@@ -78,17 +104,29 @@ class DirLock:
             self._fd = -1
 
 
-def read_json(path):
-    """The parsed JSON of path; ValueError in one line naming the file: `path: line N: what`,
-    `path: not UTF-8 text`, or `path: cannot read it (reason)` (missing, a directory, no permission)."""
+def read_text(path) -> str:
+    """The UTF-8 text of path; ValueError in one line naming the file: `path: not UTF-8 text`,
+    or `path: cannot read it (reason)` (missing, a directory, no permission)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
+        return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def read_json(path):
+    """The parsed JSON of path; ValueError in one line naming the file: `path: line N: what at
+    column C`, `path: JSON nested too deeply`, an over-long integer, or read_text's."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: {json_error(e)}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
+        raise ValueError(f"{path}: {str(e).split(':')[0]}") from None
 
 
 def read_json_object(path) -> dict:

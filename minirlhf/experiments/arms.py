@@ -29,7 +29,7 @@ from typing import Callable
 
 from .. import checkpoint, distributed
 from ..config import PRESETS, RunConfig, to_dict
-from ..files import read_json_object, write_json
+from ..files import json_error, read_json_object, write_json
 from ..metrics import METRICS_FILE
 from ..pipeline import STAGE_FIELDS, STAGES_FILE, stage_output, stages_of
 from ..pipeline import stage_keys as pipeline_stage_keys
@@ -232,7 +232,7 @@ def _metrics_row(path: Path, line: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: a line that is not JSON ({e.msg})") from None
+        raise ValueError(f"{path}: a line that is not JSON ({json_error(e)})") from None
     return row if isinstance(row, dict) else {}
 
 

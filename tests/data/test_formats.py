@@ -193,7 +193,7 @@ def test_json_extensions_and_repeats_are_refused_where_read_and_ignored_elsewher
         ('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, %s]}' % ("9" * 5000), read_preferences,
          "1: json: Exceeds the limit (4300 digits) for integer string conversion"),
         ('{"text": %s"a"%s}' % ("[" * 100_000, "]" * 100_000), read_corpus, "1: json: nested too deeply"),
-        ('{"text": "a\tb"}', read_corpus, "1: json: not valid JSON (Invalid control character at at column 12)"),
+        ('{"text": "a\tb"}', read_corpus, "1: json: not valid JSON (Invalid control character at column 12)"),
         ('{"text": "a"}\r{"text": "b"}\r', read_corpus, "1: json: not valid JSON (Extra data at column 15)"),
         ('{"text": {"text": "a"}}', read_corpus, "1: text: expected a string, got object"),
         ('"text"', read_corpus, "1: row: expected a JSON object, got string"),

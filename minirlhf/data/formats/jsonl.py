@@ -12,6 +12,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ...files import give_usual_mode, json_error
+
 GZIP_MAGIC = b"\x1f\x8b"
 # byte order marks of encodings that are not UTF-8, longest first (UTF-32 LE's starts like UTF-16 LE's)
 _OTHER_BOMS = {b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe\x00\x00": "UTF-32", b"\xff\xfe": "UTF-16",
@@ -146,7 +148,7 @@ def _parse(path: str, i: int, line: str) -> Any:
         # field we read takes a float, and fields we ignore may hold them
         return json.loads(line, object_pairs_hook=_object)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{i}: json: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{i}: json: not valid JSON ({json_error(e)})") from None
     except RecursionError:
         raise DataError(f"{path}:{i}: json: nested too deeply") from None
     except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
@@ -191,9 +193,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
                 out.close()  # writes the gzip trailer; raw stays open
             raw.flush()
             os.fsync(raw.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a data file is as readable as any other
+        give_usual_mode(tmp)  # mkstemp makes it 0600; a data file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
