@@ -25,7 +25,7 @@ COMMANDS = {
     "rm": "stage 3 only: rankings of SFT samples + reward model (--from SFT_DIR)",
     "ppo": "stage 4 only: PPO of an SFT policy against a reward model (--from SFT_DIR --rm RM_DIR)",
     "eval": "score checkpoints on the held-out prompts: gold, RM, KL to a reference",
-    "generate": "sample responses from any checkpoint",
+    "generate": "sample responses from a policy's checkpoint (any stage but rm) or a pretrained model",
     "data": "`data export DIR`: write the embedded task as JSONL files",
     "label": "rank responses or compare two checkpoints in the browser; inter-annotator agreement",
     "bench-report": "turn bench/results/<device>.json (pytest bench/ --benchmark-json ...) into markdown tables",
@@ -199,7 +199,7 @@ def build_parser(preset: str = "quick") -> argparse.ArgumentParser:
             sp.add_argument("--ref", default=None, help="reference checkpoint for KL (default: the first --ckpt)")
             sp.add_argument("--rm-ckpt", default=None, help="reward model checkpoint to score with (optional)")
         if name == "generate":
-            sp.add_argument("--ckpt", help="checkpoint directory of any stage")
+            sp.add_argument("--ckpt", help="checkpoint directory of a policy (any stage but rm)")
             sp.add_argument("--init-from", help="or a pretrained model: Hugging Face directory or .gguf file")
             sp.add_argument("--max-seq-len", type=bounded(int, **C.MODEL_RANGES["max_seq_len"]), default=None,
                             help="with --init-from only: longest prompt + response, which sizes the RoPE tables "
@@ -265,6 +265,13 @@ def cmd_generate(args) -> int:
             shown = "".join(c if not 0xD800 <= ord(c) <= 0xDFFF else f"\\x{ord(c) - 0xDC00:02x}"
                             if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in p)
             raise ValueError(f'generate: --prompt "{shown}": not UTF-8 text; give prompts in UTF-8')
+        if not p.strip():  # as data files refuse a blank prompt
+            shown = p.encode("unicode_escape").decode("ascii")  # a newline shown as \n: one line
+            raise ValueError(f'generate: --prompt "{shown}": empty string; give a prompt with text')
+    if args.ckpt is not None:  # a reward model scores responses: refused before loading anything
+        from .interop.export import check_role
+
+        check_role(args.ckpt, checkpoint.read_meta(args.ckpt).get("stage"))
     if args.init_from:
         from .interop import load_pretrained
 

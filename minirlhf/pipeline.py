@@ -577,9 +577,14 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
         ckpts = [str(run_dir / "pretrain"), *ckpts]
     if not ckpts:
         raise ValueError("eval: give --ckpt DIR (repeatable) or --init-from PATH")
+    from .interop.export import check_role
+
     for d in [*ckpts, ref, rm]:
         if d is not None:
             checkpoint.read_meta(d)  # one line for a path that is not a stage's checkpoint
+    for d in [*ckpts, ref]:  # sampled from / the KL reference: a policy, not a reward model
+        if d is not None:
+            check_role(d, checkpoint.read_meta(d).get("stage"))
     if rm is not None and checkpoint.read_meta(rm).get("stage") != "rm":
         raise ValueError(f"--rm-ckpt {rm}: a {checkpoint.read_meta(rm).get('stage')} checkpoint, not a reward model")
     ref = ref or ckpts[0]

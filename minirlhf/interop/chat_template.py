@@ -7,6 +7,11 @@ extension, a `{% generation %}...{% endgeneration %}` block (rendered as its bod
 `strftime_now(fmt)`. The template sees `messages`, `add_generation_prompt`, `tools=None`,
 `documents=None` and each special token the tokenizer defines (`bos_token`, `eos_token`,
 `unk_token`, `pad_token`) as a string; an undefined one renders as "".
+
+Every error of a template is one line naming where it came from (the file, or file and key):
+a syntax error with its line, `raise_exception(msg)` as "the template refuses this
+conversation: msg", and any other failure while rendering (an undefined name, adding a
+string to a number, a sandbox violation) with what went wrong.
 """
 from __future__ import annotations
 
@@ -48,8 +53,12 @@ class _GenerationBlock(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+class TemplateRaised(jinja2.exceptions.TemplateError):
+    """The template called raise_exception(message)."""
+
+
 def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
+    raise TemplateRaised(message)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -75,11 +84,23 @@ def compile_template(source: str, where: str = "chat template") -> jinja2.Templa
         raise ValueError(f"{where}: line {e.lineno}: {e.message}") from None
 
 
-def render(source: str, messages: list[dict], *, add_generation_prompt: bool, special_tokens: dict[str, str]) -> str:
+def render(source: str, messages: list[dict], *, add_generation_prompt: bool, special_tokens: dict[str, str],
+           where: str = "chat template") -> str:
     """The conversation as the template writes it; special_tokens: {"bos_token": "<s>", ...}
-    (only those the tokenizer defines). Raises ValueError when the template raises."""
+    (only those the tokenizer defines). Raises ValueError `{where}: ...` (where: the file, or
+    file and key, of the template) when the template does not compile, calls raise_exception,
+    or fails in any other way while rendering."""
+    template = compile_template(source, where)
     try:
-        return compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                               tools=None, documents=None, **special_tokens)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat template: {e}") from None
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                tools=None, documents=None, **special_tokens)
+    except TemplateRaised as e:
+        raise ValueError(f"{where}: the template refuses this conversation: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001  the template is the user's: whatever it does wrong is one line
+        what = _first_line(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {_first_line(e)}"
+        raise ValueError(f"{where}: rendering failed: {what}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

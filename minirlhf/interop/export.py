@@ -1,6 +1,6 @@
 """`python -m minirlhf export --ckpt runs/NAME/ppo --out DIR`: a checkpoint as a Hugging Face directory.
 
-The policy (any stage's `model.safetensors`) becomes a causal LM that
+The policy (the `model.safetensors` of any stage but `rm`) becomes a causal LM that
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads with the same logits:
 LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases (an imported Qwen2).
 An imported Mistral is written as LlamaForCausalLM: with the sliding window out of reach
@@ -29,14 +29,22 @@ Files written: config.json (transformers 4.x layout: `rope_theta`/`rope_scaling`
 reads too; `max_position_embeddings` is the imported model's own context, or the run's
 max_seq_len for our own models), model.safetensors, generation_config.json (causal LM:
 generation stops on the end-of-turn token), tokenizer.json, tokenizer_config.json,
-chat_template.jinja, and minirlhf_export.json (what was exported from where; it marks the
-directory as an export, which a later export may replace). Our SentencePiece tokenizer is
-converted (sp_export.py) and checked id for id on a test corpus; the export refuses
-(ValueError) rather than ship a tokenizer that encodes differently.
+chat_template.jinja, and minirlhf_export.json (what was exported from where, and the list of
+files written; it marks the directory as an export, which a later export may replace). Our
+SentencePiece tokenizer is converted (sp_export.py) and checked id for id on a test corpus;
+the export refuses (ValueError) rather than ship a tokenizer that encodes differently. The
+directory and its files get the usual permissions (0777 / 0666 less the umask).
 
 --out is written under a temporary name and renamed into place; it must be new, empty or
-an earlier export: never the checkpoint, a directory holding it or inside it, or a
-directory of other files (refused in one line, nothing deleted).
+an earlier export holding only the files that export wrote: never the checkpoint, a
+directory holding it or inside it, a directory inside an earlier export, or one holding
+anything else (a file of the user's, a subdirectory) — refused in one line naming it,
+before anything is written, nothing deleted.
+
+Each model has one role: a policy (the `model` of every stage but `rm`) writes responses and
+exports as a causal LM; a reward model (stage `rm`) or the PPO critic scores them and exports
+as a sequence classifier. Asking for the other head is refused (check_role), as `generate`
+and `label` refuse a reward model.
 """
 from __future__ import annotations
 
@@ -127,10 +135,46 @@ def hf_state_dict(model: Transformer, head: str) -> dict[str, torch.Tensor]:
 MARKER = "minirlhf_export.json"
 
 
+# what an export wrote before its marker listed its files (any head, any tokenizer)
+_FILES_OF_AN_EXPORT = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                       "tokenizer_config.json", "chat_template.jinja", MARKER)
+
+
+def check_role(ckpt, stage, model: str = "model", head: str = "causal-lm", *, export: bool = False) -> None:
+    """Refuse (ValueError, one line) a checkpoint's model in a role it was not trained for: a
+    reward model (stage "rm") or a value model (`model` other than "model": PPO's critic) as a
+    causal LM (to generate from, or exported with head "causal-lm"), or a policy (the model of
+    any other stage, whose scalar head is never trained) as a sequence classifier. export: the
+    message suggests the other --head too."""
+    policy = model == "model" and stage != "rm"
+    if head == "causal-lm" and not policy:
+        what, instead = (("a reward model's checkpoint (stage rm)", "a policy's (a stage such as runs/quick/sft "
+                          "or runs/quick/ppo)") if model == "model" else
+                         (f"--model {model}: PPO's value model", "the policy (--model model)"))
+        hint = "export it with --head sequence-classification (its default), or give" if export else "give"
+        raise ValueError(f"{ckpt}: {what} scores responses, it does not write them; {hint} {instead}")
+    if head == "sequence-classification" and policy:
+        raise ValueError(f"{ckpt}: a policy's checkpoint (stage {stage}) writes responses, it does not score them "
+                         "(its scalar head is never trained); export it with --head causal-lm (its default), or "
+                         "give a reward model's (a stage such as runs/quick/rm) or PPO's critic (--model critic)")
+
+
+def _export_files(out: Path) -> set[str]:
+    """The names an earlier export in `out` wrote: its marker's list, or (a marker without one)
+    every name an export may write."""
+    from ..files import read_json_object
+
+    files = read_json_object(out / MARKER).get("files")
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return set(files) | {MARKER}
+    return set(_FILES_OF_AN_EXPORT)
+
+
 def check_out(out, protect=()) -> None:
     """Refuse (ValueError, one line) an --out that must not be replaced: a file, a checkpoint
-    in `protect` or a directory holding one or inside one, or a non-empty directory that is
-    not an earlier export (no MARKER in it)."""
+    in `protect` or a directory holding one or inside one, a directory inside an earlier export,
+    a non-empty directory that is not an earlier export (no MARKER in it), or an earlier export
+    holding anything it did not write (named: the first such entry)."""
     out = Path(out)
     target = out.resolve()
     for ckpt in protect:
@@ -140,18 +184,30 @@ def check_out(out, protect=()) -> None:
         if c in target.parents:
             raise ValueError(f"--out {out}: inside the checkpoint {ckpt} (a checkpoint is replaced whole when "
                              "saved); give a directory outside it")
+    outer = next((d for d in target.parents if (d / MARKER).is_file()), None)
+    if outer is not None:
+        raise ValueError(f"--out {out}: inside the earlier export {outer} (an export is replaced whole); give a "
+                         "directory outside it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MARKER).is_file():
         raise ValueError(f"--out {out}: a directory of other files (not an earlier export: no {MARKER}); give a "
                          "new or empty directory")
+    ours = _export_files(out)
+    for entry in sorted(out.iterdir()):
+        if entry.name not in ours or entry.is_symlink() or not entry.is_file():
+            raise ValueError(f"--out {out}: an earlier export that also holds {entry.name}, which export did not "
+                             "write (replacing the export would delete it); move it out or give another directory")
 
 
-def _replace_dir(out: Path, write) -> None:
+def _replace_dir(out: Path, write, check) -> None:
     """write(tmp) fills a fresh temporary directory next to `out`, which then takes out's place
-    (the previous one is removed after the swap; a crash between the two renames leaves it as
-    .{name}.*.old)."""
-    from ..files import fsync
+    once check() (run again just before the swap) passes; the previous one is removed after the
+    swap (a crash between the two renames leaves it as .{name}.*.old). The directory and its
+    files get the usual permissions."""
+    from ..files import fsync, give_usual_mode
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,8 +217,11 @@ def _replace_dir(out: Path, write) -> None:
     try:
         write(tmp)
         for f in tmp.iterdir():
+            give_usual_mode(f)
             fsync(f)
+        give_usual_mode(tmp)
         fsync(tmp)
+        check()  # nothing of the user's appeared in an earlier export while this one was written
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             old.rmdir()
@@ -203,9 +262,10 @@ def export_model(model: Transformer, tokenizer: ChatTokenizer, out_dir, head: st
             gen = {"bos_token_id": hf_tok.bos_id, "eos_token_id": hf_tok.eos_id, "pad_token_id": hf_tok.pad_id}
             (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
         hf_tok.save(d)
+        marker["files"] = sorted([p.name for p in d.iterdir()] + [MARKER])
         (d / MARKER).write_text(json.dumps(marker, indent=2))
 
-    _replace_dir(out, write)
+    _replace_dir(out, write, lambda: check_out(out, protect))
     return out
 
 
@@ -213,7 +273,8 @@ def export_model(model: Transformer, tokenizer: ChatTokenizer, out_dir, head: st
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory of one stage (e.g. runs/quick/ppo)")
     p.add_argument("--out", required=True,
-                   help=f"output directory: new, empty, or an earlier export (replaced; it holds {MARKER})")
+                   help=f"output directory: new, empty, or an earlier export (replaced; it holds {MARKER} and "
+                        "only the files export wrote)")
     p.add_argument("--model", default="model",
                    help="which model of the checkpoint: model (policy / reward model) or critic (PPO's value model)")
     p.add_argument("--head", choices=HEADS, default=None,
@@ -228,8 +289,9 @@ def main(args) -> int:
     if args.model != "model" and args.model not in meta.get("extra_models", []):
         raise ValueError(f"{args.ckpt}: --model {args.model}: not in this checkpoint "
                          f"(has: model{''.join(', ' + m for m in meta.get('extra_models', []))})")
-    head = args.head or ("sequence-classification" if meta.get("stage") == "rm" or args.model == "critic"
+    head = args.head or ("sequence-classification" if meta.get("stage") == "rm" or args.model != "model"
                          else "causal-lm")
+    check_role(args.ckpt, meta.get("stage"), args.model, head, export=True)
     check_out(args.out, protect=[args.ckpt])  # before the (slow) loading
     model = checkpoint.load_model_from(args.ckpt, args.model)
     tokenizer = checkpoint.load_tokenizer(args.ckpt)

@@ -240,7 +240,8 @@ def tokenizer_from_gguf(meta: _Meta):
                 note(f"{where}: metadata {key}={i} is out of range ({len(tokens)} tokens); ignored, as llama.cpp does")
                 continue
             special[name] = tokens[i]
-    return HFTokenizer(tok, f.string("tokenizer.chat_template", "") or None, special,
+    template = f.string("tokenizer.chat_template") if meta.get("tokenizer.chat_template") is not None else None
+    return HFTokenizer(tok, template, special,  # an empty template is refused there, as from a directory
                        add_bos=f.flag("tokenizer.ggml.add_bos_token"), where=f"{where}: metadata tokenizer.ggml",
                        template_where=f"{where}: metadata tokenizer.chat_template")
 

@@ -8,8 +8,11 @@ model: another `rope_type`, a `hidden_act` other than SiLU ("silu", or "swish", 
 name in transformers), biases other than Qwen2's q/k/v, an odd head_dim, partial rotary
 embeddings, a sliding window shorter than max_seq_len in a layer that slides (as
 transformers decides: Mistral's every layer; Qwen2's layers from max_window_layers on, or
-as layer_types says, only with use_sliding_window). Every field read is checked first (type
-and range: `config.json: num_attention_heads: 0 must be >= 1`).
+as layer_types says, only with use_sliding_window), quantized weights (quantization_config:
+bitsandbytes, GPTQ, AWQ, ... store packed integers and scales we do not dequantize; a GGUF
+file's quantized types are). Every field read is checked first (type and range:
+`config.json: num_attention_heads: 0 must be >= 1`; an integer field must be a JSON integer,
+not 9.0), and so are bos/eos/pad_token_id (ids inside the vocabulary).
 
 Weights: model.safetensors, or shards listed in model.safetensors.index.json. Every tensor
 the model needs must be present with its exact shape and finite values (else ValueError
@@ -78,17 +81,15 @@ class Fields:
         return ValueError(f"{self.where}: {self.prefix}{key}: {what}")
 
     def integer(self, key: str, default=None, minimum: int = 1):
-        """An integer >= minimum; default when absent (a missing key without default is an error)."""
+        """An integer (not a float such as 9.0) >= minimum; default when absent (a missing key
+        without default is an error)."""
         v = self.get(key)
         if v is None:
             if default is None:
                 raise self.error(key, "missing")
             return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            else:
-                raise self.error(key, f"expected an integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int):  # 9.0 too: as data files, an integer is written as one
+            raise self.error(key, f"expected an integer, got {v!r}")
         if v < minimum:
             raise self.error(key, f"{v} must be >= {minimum}")
         return v
@@ -186,6 +187,25 @@ def _sliding_layers(c: dict, f: Fields, model_type: str, n_layers: int) -> list[
     return list(range(first, n_layers))
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _check_token_ids(c: dict, f: Fields, vocab: int) -> None:
+    """bos/eos/pad_token_id, when given (not null): a JSON integer, or (eos_token_id) a list of
+    them, each a row of the embedding (0 <= id < vocab_size) — an id outside it is a config
+    for another model (transformers would index past the embedding when it generates)."""
+    for key in TOKEN_ID_FIELDS:
+        v = c.get(key)
+        if v is None:
+            continue
+        several = isinstance(v, list) and key == "eos_token_id"  # generation stops on any of them
+        for name, x in ([(f"{key}[{i}]", x) for i, x in enumerate(v)] if several else [(key, v)]):
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise f.error(name, f"expected a token id (an integer), got {x!r}")
+            if not 0 <= x < vocab:
+                raise f.error(name, f"{x} is outside the vocabulary (vocab_size {vocab})")
+
+
 def model_config_from_hf(c: dict, max_seq_len: int | None, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for an HF config.json dict; max_seq_len (None: the model's
     max_position_embeddings) sizes the RoPE tables. Every field we read is checked (type,
@@ -209,6 +229,12 @@ def _read_config(c: dict, max_seq_len: int | None, where: str) -> tuple[ModelCon
         raise f.error("architectures", f"expected a list of class names, got {arch!r}")
     if any(not a.endswith("ForCausalLM") for a in arch):
         raise ValueError(f"{where}: architectures={arch}: only causal language models (*ForCausalLM) import")
+    quant = c.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise f.error("quantization_config", f"quantized weights{f' ({method})' if isinstance(method, str) else ''} "
+                      "are not supported (they are not dequantized here); give the full-precision model, or a "
+                      "GGUF file (whose quantized types are)")
     act = f.string("hidden_act", "silu")
     if act not in ("silu", "swish"):  # transformers' ACT2FN: "swish" is SiLU too
         raise ValueError(f"{where}: hidden_act={act!r}: only 'silu' (SwiGLU) is supported")
@@ -238,8 +264,10 @@ def _read_config(c: dict, max_seq_len: int | None, where: str) -> tuple[ModelCon
         raise ValueError(f"{where}: sliding_window={window}: shorter than max_seq_len={seq} in layer "
                          f"{sliding[0]}{' and %d more' % (len(sliding) - 1) if len(sliding) > 1 else ''} "
                          "(sliding-window attention is not supported; use max_seq_len <= the window)")
+    vocab = f.integer("vocab_size")
+    _check_token_ids(c, f, vocab)
     cfg = ModelConfig(
-        vocab_size=f.integer("vocab_size"), dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads,
+        vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads,
         ffn_dim=f.integer("intermediate_size"), max_seq_len=seq, norm_eps=f.number("rms_norm_eps", 1e-6),
         tie_embeddings=f.flag("tie_word_embeddings", False),
         head_dim=head_dim if head_dim != dim // heads or dim % heads else 0,

@@ -10,7 +10,10 @@ The end-of-turn token is read off the template itself: a probe conversation (one
 one assistant turn) is rendered and the first special token after the assistant's text is
 the token that closes a turn (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, `</s>` for
 Mistral). Generation stops on it and the reward model reads its score there. A template
-that writes no special token after a turn falls back to the tokenizer's eos_token.
+that writes no special token after a turn falls back to the tokenizer's eos_token; one that
+fails on the probe (calls raise_exception, or any other error) is refused when the tokenizer
+is loaded, naming its file: every prompt would fail the same way later. An empty (blank)
+template is refused too; a missing one means our plain framing (the importer says so).
 
 On disk (save/load): tokenizer.json, tokenizer_config.json (special tokens) and
 chat_template.jinja — the layout `transformers` reads too.
@@ -24,7 +27,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 
 from ..tokenizer import HF_TOKENIZER_FILE, ChatTokenizer, Prompt, as_messages
 from .chat_template import PLAIN_TEMPLATE, compile_template, render
-from ..files import read_json_object
+from ..files import read_json_object, read_text
 
 CONFIG_FILE, TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -46,16 +49,20 @@ class HFTokenizer(ChatTokenizer):
     (max_position_embeddings; None for ours), saved as tokenizer_config.json's
     model_max_length. where / template_where name the file of the special tokens / of the
     template in messages. Raises ValueError when a special token is not in the vocabulary,
-    there is no eos_token, or the template does not compile."""
+    there is no eos_token, or the template is empty (blank) or does not compile."""
 
     def __init__(self, tokenizer: _RustTokenizer, chat_template: str | None, special: dict[str, str],
                  add_bos: bool = False, *, context_len: int | None = None, where: str = "tokenizer",
                  template_where: str = "chat template"):
         self.tok = tokenizer
+        if chat_template is not None and not chat_template.strip():
+            raise ValueError(f"{template_where}: empty chat template; write the model's template there, or give "
+                             "none (then prompts are framed in our plain format 'User: ...\\nAssistant:')")
         self.own_template = chat_template is not None
         self.chat_template = chat_template or PLAIN_TEMPLATE
+        self.template_where = template_where if self.own_template else "chat template"
         self.context_len = context_len
-        compile_template(self.chat_template, where=template_where)  # a syntax error names its file here
+        compile_template(self.chat_template, where=self.template_where)  # a syntax error names its file here
         self.special = {k: v for k, v in special.items() if k in SPECIAL_NAMES and v is not None}
         ids = {}
         for name, text in self.special.items():
@@ -77,7 +84,7 @@ class HFTokenizer(ChatTokenizer):
         """The same tokenizer with another pad token (by id; a token of the vocabulary)."""
         special = {**self.special, "pad_token": self.tok.id_to_token(pad_id)}
         return HFTokenizer(self.tok, self.chat_template if self.own_template else None, special, self.add_bos,
-                           context_len=self.context_len)
+                           context_len=self.context_len, template_where=self.template_where)
 
     # ---- the interface ----
     @property
@@ -104,7 +111,7 @@ class HFTokenizer(ChatTokenizer):
     def render(self, prompt: Prompt, add_generation_prompt: bool = True) -> str:
         """The conversation as text, written by the chat template."""
         return render(self.chat_template, as_messages(prompt), add_generation_prompt=add_generation_prompt,
-                      special_tokens=self.special)
+                      special_tokens=self.special, where=self.template_where)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """apply_chat_template(messages, add_generation_prompt=True), tokenized without added specials."""
@@ -115,10 +122,9 @@ class HFTokenizer(ChatTokenizer):
 
     def _end_of_turn(self) -> int:
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-        try:
-            text = render(self.chat_template, probe, add_generation_prompt=False, special_tokens=self.special)
-        except ValueError:
-            return self.doc_eos_id
+        # a template that fails here would fail on every prompt: refused now (ValueError naming it)
+        text = render(self.chat_template, probe, add_generation_prompt=False, special_tokens=self.special,
+                      where=self.template_where)
         at = text.find(_PROBE)
         if at < 0:
             return self.doc_eos_id
@@ -144,7 +150,8 @@ class HFTokenizer(ChatTokenizer):
         tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default");
         context_len from tokenizer_config.json's model_max_length (as we write it: an integer
         below 2**31; transformers writes 1e30 for "unknown"). Raises ValueError naming the file
-        on an unreadable or missing one."""
+        on an unreadable or missing one, and naming the template's file or key when it is
+        empty, not text, or (a list) has no "default"."""
         d = Path(directory)
         try:
             tok = _RustTokenizer.from_file(str(d / HF_TOKENIZER_FILE))
@@ -160,13 +167,20 @@ class HFTokenizer(ChatTokenizer):
             raise ValueError(f"{d / CONFIG_FILE}: missing (it names the special tokens; eos_token is needed)")
         special = {k: _token_text(config.get(k)) for k in SPECIAL_NAMES}
         template, template_where = None, None
+        listed = config.get("chat_template")
         if (d / TEMPLATE_FILE).is_file():
-            template, template_where = (d / TEMPLATE_FILE).read_text(encoding="utf-8"), str(d / TEMPLATE_FILE)
-        elif isinstance(config.get("chat_template"), str):
-            template, template_where = config["chat_template"], f"{d / CONFIG_FILE}: chat_template"
-        elif isinstance(config.get("chat_template"), list):
-            named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
+            template, template_where = read_text(d / TEMPLATE_FILE), str(d / TEMPLATE_FILE)
+        elif isinstance(listed, str):
+            template, template_where = listed, f"{d / CONFIG_FILE}: chat_template"
+        elif isinstance(listed, list):  # named templates; transformers uses "default" unless told otherwise
+            named = {t.get("name"): t.get("template") for t in listed if isinstance(t, dict)}
             template, template_where = named.get("default"), f"{d / CONFIG_FILE}: chat_template 'default'"
+            if not isinstance(template, str):
+                raise ValueError(f"{template_where}: missing (named templates: "
+                                 f"{', '.join(map(repr, named)) or 'none'}); a 'default' template is needed")
+        elif listed is not None:
+            raise ValueError(f"{d / CONFIG_FILE}: chat_template: expected a string or a list of named templates, "
+                             f"got {type(listed).__name__}")
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # the tokenizer.json post-processor decides, as in transformers
             with_special = tok.encode("a").ids

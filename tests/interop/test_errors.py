@@ -107,6 +107,147 @@ def test_every_config_field_is_checked_at_import(good, tmp_path, capsys, changes
     _refused(_copy(good, tmp_path, **changes), capsys, message, max_seq_len=32)
 
 
+INTEGER_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"]
+
+
+@pytest.mark.parametrize("field", INTEGER_FIELDS)
+def test_integer_fields_must_be_json_integers(good, tmp_path, capsys, field):
+    """num_attention_heads: 9.0 was read as 9; data files refuse 1.0 where an integer is expected,
+    and so does config.json, for every integer field (the value is the good config's own)."""
+    value = json.loads((good / "config.json").read_text()).get(field) or 16
+    _refused(_copy(good, tmp_path, **{field: float(value)}), capsys,
+             f"config.json: {field}: expected an integer, got {float(value)}", max_seq_len=32)
+
+
+def test_integer_fields_inside_rope_parameters_and_of_qwen2(tmp_path, capsys):
+    build_hf_model("llama3-untied", tmp_path / "l3")
+    c = json.loads((tmp_path / "l3" / "config.json").read_text())
+    c["rope_parameters"]["original_max_position_embeddings"] = 16.0
+    (tmp_path / "l3" / "config.json").write_text(json.dumps(c))
+    capsys.readouterr()
+    _refused(tmp_path / "l3", capsys,
+             "config.json: rope_parameters.original_max_position_embeddings: expected an integer, got 16.0")
+    build_hf_model("qwen2-bias", tmp_path / "q")
+    c = json.loads((tmp_path / "q" / "config.json").read_text())
+    c.pop("layer_types", None)  # then transformers (and we) read max_window_layers
+    c.update(use_sliding_window=True, sliding_window=64, max_window_layers=1.0)
+    (tmp_path / "q" / "config.json").write_text(json.dumps(c))
+    capsys.readouterr()
+    _refused(tmp_path / "q", capsys, "config.json: max_window_layers: expected an integer, got 1.0")
+
+
+@pytest.mark.parametrize("quant", [
+    {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    {"quant_method": "fp8", "weight_block_size": [128, 128]},
+    {"load_in_8bit": True},
+])
+def test_quantized_hf_weights_are_refused(good, tmp_path, capsys, quant):
+    """quantization_config was ignored without a word: quantized HF checkpoints store packed
+    integers and scales (extra tensors, other shapes) that the importer does not dequantize."""
+    method = quant.get("quant_method")
+    _refused(_copy(good, tmp_path, quantization_config=quant), capsys,
+             f"config.json: quantization_config: quantized weights{f' ({method})' if method else ''} are not "
+             "supported", "GGUF")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(bos_token_id=99999999), "config.json: bos_token_id: 99999999 is outside the vocabulary (vocab_size "),
+    (dict(eos_token_id=-1), "config.json: eos_token_id: -1 is outside the vocabulary"),
+    (dict(pad_token_id=128), "config.json: pad_token_id: 128 is outside the vocabulary (vocab_size 128)"),
+    (dict(eos_token_id=[2, 99999999]), "config.json: eos_token_id[1]: 99999999 is outside the vocabulary"),
+    (dict(bos_token_id=1.0), "config.json: bos_token_id: expected a token id (an integer), got 1.0"),
+    (dict(pad_token_id="0"), "config.json: pad_token_id: expected a token id (an integer), got '0'"),
+    (dict(bos_token_id=[1, 2]), "config.json: bos_token_id: expected a token id (an integer), got [1, 2]"),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(good, tmp_path, capsys, changes, message):
+    d = _copy(good, tmp_path, vocab_size=128, **changes)
+    _refused(d, capsys, message, max_seq_len=32)
+
+
+def test_token_ids_that_are_fine(good, tmp_path):
+    """null or absent ids, and a list of end-of-turn ids (Llama 3.1), import."""
+    load_pretrained(_copy(good, tmp_path / "a", bos_token_id=NULL, pad_token_id=None), 32)
+    load_pretrained(_copy(good, tmp_path / "b", eos_token_id=[1, 2]), 32)
+
+
+def _with_template(good, tmp_path, text=None, raw=None, config_template=NULL):
+    """A copy whose chat_template.jinja holds text (or raw bytes); with config_template, no
+    .jinja file and tokenizer_config.json's chat_template is that value instead."""
+    d = _copy(good, tmp_path)
+    if config_template is not NULL:
+        (d / "chat_template.jinja").unlink(missing_ok=True)
+        c = json.loads((d / "tokenizer_config.json").read_text())
+        c["chat_template"] = config_template
+        (d / "tokenizer_config.json").write_text(json.dumps(c))
+    elif raw is not None:
+        (d / "chat_template.jinja").write_bytes(raw)
+    else:
+        (d / "chat_template.jinja").write_text(text)
+    return d
+
+
+RENDER_FAILURES = [
+    ("{{ raise_exception('nope') }}", "the template refuses this conversation: nope"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "rendering failed: TypeError: "),
+    ("{{ no_such_function() }}", "rendering failed: 'no_such_function' is undefined"),
+    ("{{ messages.__class__.__mro__ }}", "rendering failed: "),  # the sandbox refuses it
+]
+
+
+@pytest.mark.parametrize("template, message", RENDER_FAILURES)
+def test_a_template_that_fails_when_rendered_names_its_file(good, tmp_path, capsys, template, message):
+    """raise_exception('nope') printed `error: chat template: nope`, naming no file (a syntax
+    error named it); a template that fails any other way when rendered was a traceback or the same."""
+    d = _with_template(good, tmp_path / "a", template)
+    _refused(d, capsys, f"{d / 'chat_template.jinja'}: {message}")
+    d = _with_template(good, tmp_path / "b", config_template=template)
+    _refused(d, capsys, f"{d / 'tokenizer_config.json'}: chat_template: {message}")
+
+
+def test_a_template_that_refuses_in_gguf_metadata_names_it(tmp_path, capsys):
+    from .test_gguf import write_gguf
+
+    hf_model, hf_tok = build_hf_model("llama-tied", tmp_path / "hf")
+    hf_tok.chat_template = "{{ raise_exception('nope') }}"
+    write_gguf(tmp_path / "m.gguf", hf_model, hf_tok, "llama", "smollm")
+    capsys.readouterr()
+    _refused(tmp_path / "m.gguf", capsys,
+             f"{tmp_path / 'm.gguf'}: metadata tokenizer.chat_template: the template refuses this conversation: nope")
+
+
+@pytest.mark.parametrize("blank", ["", " \n\t\n"])
+def test_an_empty_template_is_refused_wherever_it_comes_from(good, tmp_path, capsys, blank):
+    """An empty chat_template.jinja fell back to our plain 'User: ...' framing without a word (a
+    missing one is said in a note): an empty template is refused, from a file, tokenizer_config.json
+    or GGUF metadata."""
+    d = _with_template(good, tmp_path / "a", blank)
+    _refused(d, capsys, f"{d / 'chat_template.jinja'}: empty chat template")
+    d = _with_template(good, tmp_path / "b", config_template=blank)
+    _refused(d, capsys, f"{d / 'tokenizer_config.json'}: chat_template: empty chat template")
+    d = _with_template(good, tmp_path / "c", config_template=[{"name": "default", "template": blank}])
+    _refused(d, capsys, f"{d / 'tokenizer_config.json'}: chat_template 'default': empty chat template")
+    if blank:  # (the gguf writer leaves an empty string out: absent, then)
+        _tiny_gguf(tmp_path / "e.gguf", extra={"tokenizer.ggml.pre": "gpt-2", "tokenizer.chat_template": blank})
+        _refused(tmp_path / "e.gguf", capsys, "e.gguf: metadata tokenizer.chat_template: empty chat template")
+
+
+def test_a_missing_template_is_a_note_and_a_malformed_one_is_refused(good, tmp_path, capsys):
+    d = _with_template(good, tmp_path / "a", config_template=None)
+    capsys.readouterr()
+    load_pretrained(d, 32)
+    assert capsys.readouterr().err.startswith(f"[import] note: {d}: no chat template")
+    d = _with_template(good, tmp_path / "b", raw=b"{{ 'caf\xe9' }}")
+    _refused(d, capsys, f"{d / 'chat_template.jinja'}: not UTF-8 text")
+    d = _with_template(good, tmp_path / "c", config_template=[{"name": "tool_use", "template": "{{ 'x' }}"}])
+    _refused(d, capsys, f"{d / 'tokenizer_config.json'}: chat_template 'default': missing (named templates: "
+             "'tool_use')")
+    d = _with_template(good, tmp_path / "d", config_template=7)
+    _refused(d, capsys, f"{d / 'tokenizer_config.json'}: chat_template: expected a string or a list of named "
+             "templates, got int")
+
+
 def test_malformed_files_are_named(good, tmp_path, capsys):
     d = _copy(good, tmp_path / "a")
     (d / "config.json").write_text("[1, 2]")
@@ -171,7 +312,9 @@ def test_corrupt_safetensors_missing_tensor_wrong_shape(good, tmp_path, capsys):
 def test_missing_files(good, tmp_path, capsys):
     d = _copy(good, tmp_path)
     (d / "config.json").write_text("{\"model_type\": \"llama\",")
-    _refused(d, capsys, "config.json", "line 1")
+    _refused(d, capsys, "config.json: line 1: Expecting property name enclosed in double quotes at column 24")
+    (d / "config.json").write_text("{\"model_type\": \"lla")
+    _refused(d, capsys, "config.json: line 1: Unterminated string starting at column 16\n")
     d = _copy(good, tmp_path / "b")
     (d / "model.safetensors").unlink()
     _refused(d, capsys, "no model.safetensors")
@@ -181,7 +324,7 @@ def test_missing_files(good, tmp_path, capsys):
     _refused(tmp_path / "nowhere", capsys, "nowhere")
 
 
-def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2", extra=None, heads=2, eos=1, ints=None):
+def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2", extra=None, heads=2, eos=1, ints=None, floats=None):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(8)
@@ -196,6 +339,8 @@ def _tiny_gguf(path, arch="llama", tokenizer_model="gpt2", extra=None, heads=2, 
         w.add_string(k, v)
     for k, v in (ints or {}).items():
         w.add_uint32(k, v)
+    for k, v in (floats or {}).items():
+        w.add_float32(k, v)
     w.add_tensor("token_embd.weight", torch.zeros(3, 8).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -230,6 +375,9 @@ def test_gguf_metadata_is_checked(tmp_path, capsys):
              "(the vocabulary has 3 tokens)")
     _tiny_gguf(tmp_path / "tpl.gguf", extra={**ok, "tokenizer.chat_template": "{% if %}"})
     _refused(tmp_path / "tpl.gguf", capsys, "tpl.gguf: metadata tokenizer.chat_template: line 1")
+    _tiny_gguf(tmp_path / "kv.gguf", extra=ok, floats={"llama.attention.head_count_kv": 2.0})
+    _refused(tmp_path / "kv.gguf", capsys, "kv.gguf: metadata llama.attention.head_count_kv: expected an integer, "
+             "got 2.0")
     _tiny_gguf(tmp_path / "voc.gguf", extra=ok, ints={"llama.vocab_size": 2})
     _refused(tmp_path / "voc.gguf", capsys, "the tokenizer has 3 token ids, more than the model's vocabulary of 2",
              "metadata llama.vocab_size")

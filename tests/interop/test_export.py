@@ -187,15 +187,21 @@ def test_an_earlier_export_is_replaced_whole(sp, tmp_path, capsys, monkeypatch):
         second.embed.weight.mul_(2)
     _save(tmp_path / "a", "sft", first, sp)
     _save(tmp_path / "b", "sft", second, sp)
+    _save(tmp_path / "rm", "rm", first, sp)
     (tmp_path / "empty").mkdir()
     assert cli(["export", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "empty")]) == 0
+    # a causal LM's export, replaced by a classifier's (no generation_config.json), then a causal LM's again
     assert cli(["export", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "hf")]) == 0
-    (tmp_path / "hf" / "stale.txt").write_text("from an older export")
+    assert (tmp_path / "hf" / "generation_config.json").exists()
+    assert cli(["export", "--ckpt", str(tmp_path / "rm"), "--out", str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "generation_config.json").exists(), "replaced whole, not written over"
+    marker = json.loads((tmp_path / "hf" / "minirlhf_export.json").read_text())
+    assert marker["files"] == sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert cli(["export", "--ckpt", str(tmp_path / "b"), "--out", str(tmp_path / "hf")]) == 0
-    assert not (tmp_path / "hf" / "stale.txt").exists(), "replaced whole, not written over"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert torch.equal(hf.model.embed_tokens.weight, second.embed.weight)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "empty", "hf"], "no temporary directories left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "empty", "hf", "rm"], \
+        "no temporary directories left"
     # an export that fails (a tokenizer it cannot reproduce) leaves the earlier one as it was
     before = _tree(tmp_path / "hf")
     bad = Tokenizer(sp.model_proto)
@@ -212,7 +218,111 @@ def test_an_earlier_export_is_replaced_whole(sp, tmp_path, capsys, monkeypatch):
     with pytest.raises(OSError):
         export_model(first, sp, tmp_path / "hf")
     assert _tree(tmp_path / "hf") == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "empty", "hf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "empty", "hf", "rm"]
+
+
+def test_export_never_deletes_what_it_did_not_write(sp, tmp_path, capsys):
+    """The tester's case: an export nested inside an export, and a file of the user's in an
+    export, were deleted by the next export into it. Each is refused in one line naming it,
+    exit 2, with nothing written; so is an --out inside an earlier export."""
+    _save(tmp_path / "A" / "ppo", "ppo", _random_model(), sp)
+    _save(tmp_path / "A" / "sft", "sft", _random_model(tie_embeddings=False), sp)
+    hf = tmp_path / "hf"
+    assert cli(["export", "--ckpt", str(tmp_path / "A" / "ppo"), "--out", str(hf)]) == 0
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    for out in (hf / "sub", hf / "sub" / "deeper"):
+        assert cli(["export", "--ckpt", str(tmp_path / "A" / "ppo"), "--out", str(out)]) == 2
+        _one_line_error(capsys, f"--out {out}: inside the earlier export {hf.resolve()} (an export is replaced whole)")
+        assert _tree(tmp_path) == before
+    # what a user adds to an export: a file, a directory (an export made elsewhere and moved in), a link
+    additions = [("README_mine.md", lambda p: p.write_text("notes")), ("sub", lambda p: p.mkdir()),
+                 ("a_link", lambda p: p.symlink_to(hf / "config.json")),
+                 ("tokenizer.model", lambda p: p.write_text("a name export writes elsewhere, not here"))]
+    for name, add in additions:
+        add(hf / name)
+        before = _tree(tmp_path)
+        assert cli(["export", "--ckpt", str(tmp_path / "A" / "sft"), "--out", str(hf)]) == 2
+        _one_line_error(capsys, f"--out {hf}: an earlier export that also holds {name}, which export did not write")
+        assert _tree(tmp_path) == before, name
+        (hf / name).rmdir() if (hf / name).is_dir() and not (hf / name).is_symlink() else (hf / name).unlink()
+    # an export made before the marker listed its files: only the names an export writes are its own
+    marker = json.loads((hf / "minirlhf_export.json").read_text())
+    del marker["files"]
+    (hf / "minirlhf_export.json").write_text(json.dumps(marker))
+    (hf / "README_mine.md").write_text("notes")
+    assert cli(["export", "--ckpt", str(tmp_path / "A" / "sft"), "--out", str(hf)]) == 2
+    _one_line_error(capsys, "also holds README_mine.md")
+    (hf / "README_mine.md").unlink()
+    assert cli(["export", "--ckpt", str(tmp_path / "A" / "sft"), "--out", str(hf)]) == 0
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is False  # sft's (untied), not ppo's
+    # a file of the user's that appears while the export is being written: refused at the swap
+    import minirlhf.interop.export as export_module
+
+    real = export_module.save_file
+
+    def and_a_user_file(*args, **kwargs):
+        real(*args, **kwargs)
+        (hf / "late.txt").write_text("written meanwhile")
+    export_module.save_file = and_a_user_file
+    try:
+        with pytest.raises(ValueError, match="also holds late.txt"):
+            export_model(_random_model(), sp, hf)
+    finally:
+        export_module.save_file = real
+    assert (hf / "late.txt").read_text() == "written meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "hf"], "no temporary directory left"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=lambda m: f"umask{m:03o}")
+def test_export_has_the_usual_permissions(sp, tmp_path, mask):
+    """tempfile.mkdtemp makes 0700 and safetensors 0600: the export is 0777 / 0666 less the umask."""
+    import os
+    import stat
+
+    _save(tmp_path / "sft", "sft", _random_model(), sp)
+    old = os.umask(mask)
+    try:
+        assert cli(["export", "--ckpt", str(tmp_path / "sft"), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~mask
+    written = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert "model.safetensors" in written and "minirlhf_export.json" in written
+    for p in (tmp_path / "hf").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p.name
+
+
+def test_a_model_is_exported_only_in_its_own_role(sp, tmp_path, capsys):
+    """A reward model or the critic as a causal LM, or a policy as a sequence classifier, would be a
+    meaningless model loaded without complaint: refused in one line naming the stage / model and
+    what to use instead, before anything is written."""
+    policy, critic = _random_model(), _random_model()
+    _save(tmp_path / "rm", "rm", policy, sp)
+    _save(tmp_path / "ppo", "ppo", policy, sp, extra={"critic": critic})
+    _save(tmp_path / "sft", "sft", policy, sp)
+    out = tmp_path / "hf"
+    cases = [
+        (["--ckpt", str(tmp_path / "rm"), "--head", "causal-lm"],
+         f"{tmp_path / 'rm'}: a reward model's checkpoint (stage rm) scores responses, it does not write them; "
+         "export it with --head sequence-classification (its default), or give a policy's (a stage such as "
+         "runs/quick/sft or runs/quick/ppo)"),
+        (["--ckpt", str(tmp_path / "ppo"), "--model", "critic", "--head", "causal-lm"],
+         f"{tmp_path / 'ppo'}: --model critic: PPO's value model scores responses, it does not write them; "
+         "export it with --head sequence-classification (its default), or give the policy (--model model)"),
+        (["--ckpt", str(tmp_path / "sft"), "--head", "sequence-classification"],
+         f"{tmp_path / 'sft'}: a policy's checkpoint (stage sft) writes responses, it does not score them"),
+        (["--ckpt", str(tmp_path / "ppo"), "--head", "sequence-classification"],
+         "a policy's checkpoint (stage ppo) writes responses"),
+    ]
+    for args, message in cases:
+        assert cli(["export", *args, "--out", str(out)]) == 2, args
+        _one_line_error(capsys, message)
+        assert not out.exists()
+    # each in its own role, the default head
+    for args in (["--ckpt", str(tmp_path / "rm")], ["--ckpt", str(tmp_path / "ppo"), "--model", "critic"],
+                 ["--ckpt", str(tmp_path / "sft")]):
+        assert cli(["export", *args, "--out", str(out)]) == 0, args
 
 
 def test_exported_reward_model_scores_padded_batches_in_transformers(hf_dirs, tmp_path):

@@ -1,4 +1,5 @@
-"""`generate`'s command line: prompts that are not UTF-8 and --max-seq-len mistakes are one line, exit 2."""
+"""`generate`'s command line: prompts that are not UTF-8 or blank, a reward model's checkpoint and
+--max-seq-len mistakes are one line, exit 2."""
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ def sources(tmp_path_factory):
     model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
                                     max_seq_len=64))
     checkpoint.save(d / "sft", stage="sft", model=model, tokenizer=tok, step=1, finished=True)
+    checkpoint.save(d / "rm", stage="rm", model=model, tokenizer=tok, step=1, finished=True)
     return d / "hf", d / "sft"
 
 
@@ -60,3 +62,33 @@ def test_every_generate_option_has_help():
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize("blank, shown", [("", ""), ("   ", "   "), ("\n", "\\n"), (" \t\u3000", " \\t\\u3000")])
+def test_a_blank_prompt_is_refused(sources, capsys, blank, shown):
+    """As a data file refuses a blank prompt ("empty string"), with and without chat framing,
+    before any model is loaded; the message stays one line whatever whitespace it was."""
+    hf, sft = sources
+    capsys.readouterr()
+    for source in (["--init-from", str(hf)], ["--ckpt", str(sft)], ["--ckpt", str(sft), "--raw"]):
+        err = _error(capsys, ["generate", *source, "--prompt", "fine", "--prompt", blank, "--max-new-tokens", "2"])
+        assert f'generate: --prompt "{shown}": empty string; give a prompt with text' in err, err
+
+
+def test_a_reward_models_checkpoint_is_refused_as_label_refuses_it(sources, capsys, tmp_path):
+    """generate --ckpt RUN/rm sampled from a reward model (exit 0); `label` refuses it, and generate
+    now says the same words; so does eval, whose --ckpt it samples from and --ref it reads
+    log-probabilities of."""
+    from minirlhf.label.sampling import check_checkpoint
+
+    _, sft = sources
+    rm = sft.parent / "rm"
+    capsys.readouterr()
+    err = _error(capsys, ["generate", "--ckpt", str(rm), "--prompt", "hi", "--max-new-tokens", "2"])
+    with pytest.raises(ValueError) as label_says:
+        check_checkpoint(rm)
+    assert err == f"error: {label_says.value}\n"
+    assert "a reward model's checkpoint (stage rm) scores responses, it does not write them; give a policy's" in err
+    for args in (["--ckpt", str(rm)], ["--ckpt", str(sft), "--ref", str(rm)]):
+        assert cli(["eval", "--preset", "tiny", "--out", str(tmp_path / "ev"), *args]) == 2
+        assert capsys.readouterr().err.endswith(f"error: {label_says.value}\n")
