@@ -44,11 +44,17 @@ def give_usual_mode(*paths) -> None:
         os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
 
 
-def json_error(e: json.JSONDecodeError) -> str:
-    """What is wrong and in which column, as one phrase: "Expecting value at column 6",
-    "Unterminated string starting at column 7" (the json module's messages for a string and a
-    control character end in "at" already); the caller names the file and line."""
-    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+def json_error(e: Exception) -> str:
+    """What json.loads found wrong, as one phrase; the caller names the file and line. A syntax
+    error (JSONDecodeError) with its column: "Expecting value at column 6", "Unterminated string
+    starting at column 7" (the json module's messages for a string and a control character end
+    in "at" already); RecursionError: "nested too deeply"; another ValueError (an integer longer
+    than sys.get_int_max_str_digits()): its first clause."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(":")[0]
 
 
 def write_json(path, obj, indent: int | None = 1, **dumps_kw) -> None:
@@ -117,16 +123,14 @@ def read_text(path) -> str:
 
 def read_json(path):
     """The parsed JSON of path; ValueError in one line naming the file: `path: line N: what at
-    column C`, `path: JSON nested too deeply`, an over-long integer, or read_text's."""
+    column C`, `path: nested too deeply`, an over-long integer (json_error), or read_text's."""
     text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: {json_error(e)}") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply") from None
-    except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
-        raise ValueError(f"{path}: {str(e).split(':')[0]}") from None
+    except (RecursionError, ValueError) as e:
+        raise ValueError(f"{path}: {json_error(e)}") from None
 
 
 def read_json_object(path) -> dict:

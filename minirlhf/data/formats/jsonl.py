@@ -149,10 +149,8 @@ def _parse(path: str, i: int, line: str) -> Any:
         return json.loads(line, object_pairs_hook=_object)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{i}: json: not valid JSON ({json_error(e)})") from None
-    except RecursionError:
-        raise DataError(f"{path}:{i}: json: nested too deeply") from None
-    except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
-        raise DataError(f"{path}:{i}: json: {str(e).split(':')[0]}") from None
+    except (RecursionError, ValueError) as e:  # too deep; an integer longer than sys.get_int_max_str_digits()
+        raise DataError(f"{path}:{i}: json: {json_error(e)}") from None
 
 
 def rows(path: str | os.PathLike) -> Iterator[Row]:
