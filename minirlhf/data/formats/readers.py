@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import chat
 from .chat import Prompt
-from .jsonl import Row, json_type, rows, show
+from .jsonl import DataError, Row, _parse, json_type, rows, show
 
 K_MIN, K_MAX = 2, 9
 RATING_MIN, RATING_MAX = 1, 7
@@ -142,3 +142,14 @@ def read_preferences(path: str | os.PathLike) -> list[Comparison]:
     """Comparisons from a preference file (any mix of the row shapes). Rows whose ratings are
     all tied carry no preference and are left out. Raises DataError."""
     return [c for c in map(_comparison, rows(path)) if c.pairs]
+
+
+def check_preference_line(path: str | os.PathLike, line: int, text: str) -> Comparison:
+    """read_preferences' checks on one line of a preference file, for a caller that splits the
+    file itself (`label`, continuing the labels file it appends to): `text` is line `line` of
+    `path`, decoded. Returns its Comparison (pairs empty when all tied). Raises DataError
+    `path:line: field: what`, the message read_preferences gives for that line."""
+    obj = _parse(str(path), line, text.removeprefix("\ufeff"))
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{line}: row: expected a JSON object, got {json_type(obj)}")
+    return _comparison(Row(str(path), line, obj))
