@@ -2,8 +2,10 @@
 preference file format. Everything else in minirlhf/label/ is plain stdlib.
 
     DataError, read_prompts(path), read_responses(path, k_max), read_preferences(path),
-    rows(path), row_lines(path), show(value)                   file formats (minirlhf.data)
+    check_preference_line(path, line, text), rows(path), row_lines(path),
+    show(value), json_type(value)                               file formats (minirlhf.data)
     check_checkpoint(dir) -> stage, check_device(name)          ValueError unless usable
+    save_id(dir) -> str | None                                  the checkpoint save's random id
     prompt_lengths(dir, prompts) -> ([tokens], max_seq_len)     the stages' token budget, cheaply
     sample(ckpt_dir, prompts, n=K, ...) -> [[str] * K per prompt]
 """
@@ -11,10 +13,12 @@ from __future__ import annotations
 
 from ..files import fsync
 from ..data import DataError, read_preferences, read_prompts, read_responses, row_lines
-from ..data.formats.jsonl import rows, show
+from ..data.formats.jsonl import json_type, rows, show
+from ..data.formats.readers import check_preference_line
 
-__all__ = ["DataError", "check_checkpoint", "check_device", "fsync", "prompt_lengths", "read_preferences",
-           "read_prompts", "read_responses", "row_lines", "rows", "sample", "show"]
+__all__ = ["DataError", "check_checkpoint", "check_device", "check_preference_line", "fsync", "json_type",
+           "prompt_lengths", "read_preferences", "read_prompts", "read_responses", "row_lines", "rows", "sample",
+           "save_id", "show"]
 
 
 def check_device(name: str) -> None:
@@ -36,6 +40,14 @@ def check_checkpoint(path) -> str:
         raise ValueError(f"{path}: a reward model's checkpoint (stage rm) scores responses, it does not write "
                          f"them; give a policy's (a stage such as runs/quick/sft or runs/quick/ppo)")
     return stage
+
+
+def save_id(path) -> str | None:
+    """The random id of the checkpoint's save (a new one each time the directory is written:
+    a checkpoint retrained in place gets another); None for one saved before ids existed."""
+    from .. import checkpoint
+
+    return checkpoint.save_id(path)
 
 
 def prompt_lengths(ckpt_dir, prompts: list) -> tuple[list[int], int]:

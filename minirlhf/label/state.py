@@ -17,7 +17,9 @@ become preference; a judgement names display positions and is mapped back here. 
              {"prompt", "responses", "ratings": [7, 6, 6, 5 ...]}       ties (equal ratings)
     compare  {"prompt", "responses": [A's, B's], "ratings": [7, 6] | [6, 7] | [7, 7],
               "winner": "A" | "B" | "tie", "models": [A, B]}
-    rank rows sampled from --ckpt also carry "model" (its resolved path) and "stage"
+    rank rows sampled from --ckpt also carry "model" (its resolved path), "stage" and
+    "model_save_id" (checkpoint.save_id: a new one each time the directory is saved);
+    compare rows carry "model_save_ids" beside "models"
     skipped  {"prompt", "responses", "ratings": [4] * K, "skipped": true}
     all with "item", "annotator", "shown" (response indices in display order),
     "seconds" (from showing to judging) and "time" (UTC).
@@ -25,7 +27,9 @@ become preference; a judgement names display positions and is mapped back here. 
 `read_preferences` reads every row shape above: ties and skips drop out as pairs.
 
 A request is valid or it changes nothing: a session id is registered only by a `next`
-that is answered, and judge, skip and undo need a session the server knows.
+that is answered, and judge, skip and undo need a session the server knows. Once a
+--compare is complete its result is shown, and its judgements are final: no undo (also
+after a restart), so nobody judges knowing the score.
 """
 from __future__ import annotations
 
@@ -96,14 +100,16 @@ def same_checkpoints(a: list[str], b: list[str]) -> bool:
 
 
 def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = None,
-               responses: list[tuple[str, ...]] | None = None,
-               source: dict | None = None) -> dict[int, tuple[str, ...]]:
+               responses: list[tuple[str, ...]] | None = None, source: dict | None = None,
+               save_ids: list[str | None] | None = None) -> dict[int, tuple[str, ...]]:
     """Check the rows an earlier run left in the labels file against this run's prompts (and
     responses, when given; the checkpoint they were sampled from, `source` = {"model": path,
-    "stage": stage} of --ckpt): the responses each judged item was shown, by item index. Raises
-    DataError (file:line: field: what) for a row that belongs to another labelling run: one of
-    another checkpoint (or of --responses) continued with --ckpt would mix two policies'
-    responses in one file."""
+    "stage": stage, "model_save_id": id} of --ckpt; --compare's checkpoints' `save_ids`): the
+    responses each judged item was shown, by item index. Raises DataError (file:line: field:
+    what) for a row that belongs to another labelling run: one of another checkpoint, of the
+    same directory saved again since (another save id), or of --responses, continued with
+    --ckpt or --compare would mix two policies' responses in one file. Rows without a save
+    id (written before ids existed) are not checked for one."""
     known: dict[int, tuple[str, ...]] = {}
     seen = set()
     for row_id, row in store.rows:
@@ -138,6 +144,8 @@ def check_rows(store, prompts: list, *, mode: str, models: list[str] | None = No
                 raise bad("models", f"expected [CKPT_A, CKPT_B], got {show(given)}")
             if not same_checkpoints(given, models):
                 raise bad("models", changed_models(given, models))
+            if "model_save_ids" in row and save_ids is not None:
+                _check_save_ids(row["model_save_ids"], models, save_ids, bad)
             if not row.get("skipped") and row.get("winner") not in ("A", "B", "tie"):
                 raise bad("winner", "expected A, B or tie")
         elif is_compare:
@@ -163,6 +171,22 @@ def _check_source(row: dict, source: dict, bad) -> None:
     if stage != source["stage"]:
         raise bad("stage", f"{q(source['model'])[1:-1]} was stage {show(stage)} when the responses were sampled, "
                            f"it is stage {q(source['stage'])} now; continuing would mix two policies' responses")
+    if "model_save_id" in row and "model_save_id" in source and row["model_save_id"] != source["model_save_id"]:
+        raise bad("model_save_id", _resaved(source["model"], row["model_save_id"], source["model_save_id"]))
+
+
+def _resaved(path: str, was, now) -> str:
+    return (f"{json.dumps(path)[1:-1]} was saved again since the responses were sampled (save id {show(was)} "
+            f"then, {show(now)} now): it holds other weights; continuing would mix two policies' responses")
+
+
+def _check_save_ids(given, models: list[str], save_ids: list[str | None], bad) -> None:
+    """--compare rows: each checkpoint still the save the responses were sampled from."""
+    if not (isinstance(given, list) and len(given) == 2 and all(g is None or isinstance(g, str) for g in given)):
+        raise bad("model_save_ids", f"expected [save id of A, save id of B], got {show(given)}")
+    for ab, was, now, path in zip("AB", given, save_ids, models):
+        if was != now:
+            raise bad("model_save_ids", f"{ab}: {_resaved(path, was, now)}")
 
 
 def changed_models(given: list[str], models: list[str]) -> str:
@@ -181,14 +205,17 @@ class LabelState:
     return the session's view: {"session", "mode", "item", "progress", "can_undo"}; when
     item is None also "held_by_others" (prompts other sessions hold) and "first_free_in"
     (seconds until the first of those holds may expire, or None), and with --compare, once
-    every judgement is in, "result" (the win rate; never earlier, so the comparison stays blind)."""
+    every judgement is in, "result" (the win rate; never earlier, so the comparison stays blind;
+    from then on can_undo is false and undo is refused: the judgements are final)."""
 
     def __init__(self, items: list[Item], store, *, mode: str = "rank", overlap: float = 0.0, seed: int = 0,
-                 models: list[str] | None = None, source: dict | None = None,
+                 models: list[str] | None = None, save_ids: list[str | None] | None = None,
+                 source: dict | None = None,
                  hold_seconds: float = HOLD_SECONDS, first_hold_seconds: float = FIRST_HOLD_SECONDS,
                  clock=time.monotonic, on_change=None):
         self.items, self.store, self.mode, self.models = items, store, mode, models
-        self.source = source  # ranking from --ckpt: {"model": resolved path, "stage"}, recorded in each row
+        self.source = source  # ranking from --ckpt: {"model": resolved path, "stage", "model_save_id"}, in each row
+        self.save_ids = save_ids  # --compare: the two checkpoints' save ids, in each row (None: not recorded)
         self.on_change = on_change  # called with self, under the lock, after each row written or removed
         self.seed, self.hold_seconds, self.clock = seed, hold_seconds, clock
         self.first_hold_seconds = min(first_hold_seconds, hold_seconds)
@@ -262,7 +289,22 @@ class LabelState:
                 self._hold(sid, i)
                 return
 
+    def _final(self) -> bool:
+        """--compare with every judgement in: the result is shown to every session from now on, so
+        the judgements are final (re-judging knowing the score would bias it). Nothing can make
+        it untrue again: only an undo lowers the count, and undo is refused from here on."""
+        if self.mode != "compare":
+            return False
+        p = self.progress()
+        return p["done"] >= p["total"]
+
+    def _refuse_if_final(self) -> None:
+        if self._final():
+            raise BadRequest("the comparison is complete and its result shown: the judgements are final "
+                             "(nobody judges knowing the score)")
+
     def _held(self, sid: str, body: dict) -> _Hold:
+        self._refuse_if_final()
         hold = self.sessions[sid].hold
         item = body.get("item")
         if hold is None or type(item) is not int or item != hold.item:  # 1.0 and true are no index
@@ -282,8 +324,10 @@ class LabelState:
         row = {"prompt": it.prompt, "responses": list(it.responses)}
         if self.mode == "compare":
             row["models"] = list(self.models)
+            if self.save_ids is not None:
+                row["model_save_ids"] = list(self.save_ids)
         elif self.source is not None:
-            row.update(model=self.source["model"], stage=self.source["stage"])
+            row.update(self.source)
         row.update(item=hold.item, annotator=sid, shown=hold.order,
                    seconds=round(self.clock() - hold.since, 2),
                    time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -352,6 +396,7 @@ class LabelState:
         with self.lock:
             sid = self._session(body)
             _check_keys(body, {"session"})
+            self._refuse_if_final()
             rows = self.sessions[sid].rows
             if not rows:
                 raise BadRequest("nothing to undo for this session")
@@ -390,13 +435,14 @@ class LabelState:
             it = self.items[hold.item]
             item = {"id": hold.item, "prompt": it.prompt, "responses": [it.responses[j] for j in hold.order]}
         progress = self.progress(sid)
+        final = self._final()
         view = {"session": sid, "mode": self.mode, "item": item, "progress": progress,
-                "can_undo": bool(self.sessions[sid].rows)}
+                "can_undo": bool(self.sessions[sid].rows) and not final}
         if item is None:  # nothing for this session now: what the others hold, and for how long
             held = [self._left(h) for h in self.sessions if h != sid and self._active(h)]
             view["held_by_others"] = len(held)
             view["first_free_in"] = round(min(held)) if held else None  # seconds
-            if self.mode == "compare" and progress["done"] >= progress["total"]:
+            if final:
                 # blind until the whole comparison is done: nothing left, nothing held by anyone
                 # (a session that has nothing to do yet, or a new one, learns nothing earlier)
                 view["result"] = self.result()

@@ -2,7 +2,7 @@
 confidence interval, and how well two annotators agree on the same responses.
 
     win_rate(rows)     -> {"judgements", "a_wins", "b_wins", "ties", "win_rate_a", "ci95"}
-    agreement(rows)    -> {"prompts", "pairs", "pairwise_agreement", "kendall_tau", ...}
+    agreement(rows)    -> {"prompts", "pairs", "pairwise_agreement", "kendall_tau", "skipped_shared", ...}
     wilson_interval(p, n), kendall_tau_b(x, y)
 """
 from __future__ import annotations
@@ -94,13 +94,18 @@ def agreement(rows: list[dict]) -> dict:
     pairwise_agreement: over response pairs that both annotators ordered strictly, the
     fraction ordered the same way (the rate InstructGPT reports for its labellers, Ouyang
     et al. 2022); pairs one of them tied are counted apart (tied_pairs). kendall_tau: the mean over
-    (prompt, annotator pair) of Kendall's tau-b between the two orderings, where defined."""
+    (prompt, annotator pair) of Kendall's tau-b between the two orderings, where defined.
+    skipped_shared: prompts two or more annotators were shown but fewer than two judged (the
+    others skipped them; a skip carries no ordering)."""
     by_prompt: dict[tuple, dict[str, list[int]]] = defaultdict(dict)
+    seen: dict[tuple, set[str]] = defaultdict(set)
     annotators = set()
     for r in rows:
         s = scores(r)
+        key = (_hashable(r["prompt"]), tuple(r["responses"]))
+        seen[key].add(r["annotator"])
         if s is not None:
-            by_prompt[(_hashable(r["prompt"]), tuple(r["responses"]))][r["annotator"]] = s
+            by_prompt[key][r["annotator"]] = s
             annotators.add(r["annotator"])
     agree = strict = tied = 0
     taus = []
@@ -121,6 +126,8 @@ def agreement(rows: list[dict]) -> dict:
             tau = kendall_tau_b(x, y)
             if tau is not None:
                 taus.append(tau)
+    skipped_shared = sum(len(who) >= 2 and len(by_prompt.get(key, ())) < 2 for key, who in seen.items())
     return {"prompts": prompts, "annotators": len(annotators), "pairs": strict, "tied_pairs": tied,
+            "skipped_shared": skipped_shared,
             "pairwise_agreement": agree / strict if strict else None,
             "kendall_tau": sum(taus) / len(taus) if taus else None, "kendall_tau_n": len(taus)}

@@ -1,7 +1,8 @@
 """The labels file: one JSON row per judgement, durable before the next prompt is shown.
 
     store = LabelFile(path)        # reads what an earlier run wrote, if anything; writes nothing
-    store.rows                     # [(row_id, dict)] in file order (the caller checks them: check_rows)
+    store.rows                     # [(row_id, dict)] in file order, each a valid preference row
+                                   # (read_preferences' checks); the caller checks they are its run's
     store.start()                  # creates the file, or repairs an unfinished last line
     row_id = store.append(row)     # one write(2) of the whole line, then fsync
     store.remove(row_id)           # undo: the file without that row, swapped in atomically
@@ -36,7 +37,7 @@ import stat
 from pathlib import Path
 
 from ..files import fsync
-from .sampling import DataError
+from .sampling import DataError, check_preference_line
 
 ROW_START = b'{"prompt": '  # how every row `label` writes begins (state.py puts "prompt" first)
 
@@ -62,7 +63,9 @@ def _check_regular(path: Path, what: str, mode: int | None = None) -> None:
 
 class LabelFile:
     """Append-only JSONL of judgement rows (see the module docstring); not thread-safe:
-    the caller serialises calls (LabelState holds one lock around every change).
+    the caller serialises calls (LabelState holds one lock around every change). Every row
+    read must pass the checks the preference reader (`rm`, `label --agreement`) applies, so
+    a file `label` continues is one they read; a row that fails gets their `file:line` error.
 
     path: --out as the user gave it (for messages); real: the file written (symlinks resolved).
     Raises ValueError (DataError for the contents: `file:line: field: what`) for an --out
@@ -85,6 +88,7 @@ class LabelFile:
         self.line_of: dict[int, int] = {}
         self._cut = None   # (offset, bytes) of an unfinished last line to drop at start()
         self._newline = False  # the last row lacks its newline: add it at start()
+        self.repaired = False  # start() finished or dropped an unfinished last line
         if self.real.exists():
             self._open(os.O_RDWR | os.O_APPEND)
             try:
@@ -130,6 +134,7 @@ class LabelFile:
         except (ValueError, RecursionError):  # not UTF-8, not JSON, an over-long integer, nested too deeply
             whole = None
         if isinstance(whole, dict):  # the newline alone is missing: a row like any other
+            check_preference_line(self.path, n, tail.decode("utf-8"))
             self._add(whole, tail + b"\n", line=n)
             self._newline = True
         elif self.rows and (tail.startswith(ROW_START) or ROW_START.startswith(tail)):
@@ -147,6 +152,9 @@ class LabelFile:
                             f"use another --out") from None
         if not isinstance(obj, dict):
             raise DataError(f"{self.path}:{i}: row: expected a JSON object; use another --out")
+        # every row a preference row as `rm` and `--agreement` read it (a ranking that is no
+        # permutation, a rating out of range, ...): refused with the message they would give
+        check_preference_line(self.path, i, raw.decode("utf-8"))
         return obj
 
     def _add(self, obj: dict, raw: bytes, line: int = 0) -> int:
@@ -177,6 +185,7 @@ class LabelFile:
             os.write(self._fd, b"\n")
         if self._cut is not None or self._newline:
             os.fsync(self._fd)
+            self.repaired = True
         if self.tmp.exists():  # debris of a crash mid-undo: the file itself is intact
             self.tmp.unlink()
         self._started = True

@@ -136,10 +136,12 @@ def test_rank_skip_undo_by_keyboard_and_mouse_then_compare(driver, tmp_path):
         assert not page.els("#pool img") and not page.els("#bold") and not page.els("#pool textarea")
         assert not page.els("script:not([src])")
 
-        # ... ranked by keyboard: NASTY[2] best, then NASTY[0] tied with NASTY[1] (auto-placed last)
-        page.keys(page.number_of(NASTY[2]), page.number_of(NASTY[0]))
+        # ... ranked by keyboard: NASTY[2] best, then NASTY[0] tied with NASTY[1] (auto-placed last:
+        # its number picks it for `=`)
+        num = {t: page.number_of(t) for t in NASTY}
+        page.keys(num[NASTY[2]], num[NASTY[0]])
         assert page.ranked_texts() == [NASTY[2], NASTY[0], NASTY[1]]
-        page.keys("=", Keys.ENTER)
+        page.keys(num[NASTY[1]], "=", Keys.ENTER)
 
         # 2. by mouse: drag three cards into the ranking (the fourth follows), then drag the
         #    last one to the top, and submit with a click
@@ -209,6 +211,14 @@ def test_rank_skip_undo_by_keyboard_and_mouse_then_compare(driver, tmp_path):
         _wait(driver, lambda: page.el("#done-view").is_displayed(), "the done view")
         assert page.el("#r-a").text == "runs/a/sft"
         assert page.el("#r-n").text.startswith("2:")
+        # the result is shown: the judgements are final, no Undo button and `U` does nothing
+        before = out.read_bytes()
+        assert not page.el("#undo").is_displayed()
+        page.keys("u")
+        driver.refresh()  # a round trip after the key: an undo it had sent would have landed
+        _wait(driver, lambda: page.el("#done-view").is_displayed(), "the done view again")
+        assert not page.el("#undo").is_displayed() and page.el("#r-n").text.startswith("2:")
+        assert out.read_bytes() == before
     rows = read_rows(out)
     assert [r["winner"] for r in rows] == ["A" if left == pairs[0].responses[0] else "B", "tie"]
 
@@ -259,3 +269,61 @@ def test_a_browser_keeps_its_session_and_undo_on_another_port(driver, tmp_path):
         page.keys("u")
         page.wait_prompt("Prompt 0?")
     assert out.read_text() == ""
+
+
+def _active(d) -> dict:
+    """What has the keyboard focus: its tag, class, data-focus and aria-pressed."""
+    return d.execute_script("const a = document.activeElement; return {tag: a.tagName, cls: a.className, "
+                            "focus: a.dataset.focus || null, pressed: a.getAttribute('aria-pressed')};")
+
+
+def test_ties_by_keyboard_keep_the_focus_and_equals_ties_the_pick_before_the_last(driver, tmp_path):
+    """`=` ties the response picked last, also the (K-1)th, whose pick places the last one by itself;
+    a tie button reached with Tab and pressed with Enter keeps the focus in its re-rendered copy,
+    while one clicked with the mouse gives it up (Enter then submits)."""
+    from selenium.webdriver.common.keys import Keys
+
+    items = [Item("Pick three?", ("alpha", "beta", "gamma")), Item("Pick four?", ("one", "two", "three", "four")),
+             Item("Pick two?", ("yes", "no"))]
+    out = tmp_path / "labels.jsonl"
+    page = Page(driver)
+    with running(out, items) as server:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        page.wait_prompt("Pick three?")
+        num = {t: page.number_of(t) for t in items[0].responses}
+        page.keys(num["beta"], num["alpha"])  # gamma follows by itself
+        assert page.ranked_texts() == ["beta", "alpha", "gamma"]
+        page.keys("=")  # alpha (picked last) with beta
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1=", "#1=", "#3"]
+        page.keys(Keys.ENTER)
+
+        page.wait_prompt("Pick four?")
+        num = {t: page.number_of(t) for t in items[1].responses}
+        page.keys(num["one"], num["two"], num["three"])  # four follows
+        for _ in range(12):  # Tab to the button that ties "three" with "two"
+            page.keys(Keys.TAB)
+            if _active(driver)["focus"] == "tie-2":
+                break
+        assert _active(driver) == {"tag": "BUTTON", "cls": "tie", "focus": "tie-2", "pressed": "false"}
+        page.keys(Keys.ENTER)
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1", "#2=", "#2=", "#4"]
+        assert _active(driver) == {"tag": "BUTTON", "cls": "tie", "focus": "tie-2", "pressed": "true"}
+        page.keys(Keys.ENTER)  # again: untied, the focus still there
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1", "#2", "#3", "#4"]
+        assert _active(driver)["focus"] == "tie-2" and _active(driver)["pressed"] == "false"
+        page.keys(Keys.SPACE)  # Space presses it too: tied again
+        assert _active(driver) == {"tag": "BUTTON", "cls": "tie", "focus": "tie-2", "pressed": "true"}
+        page.keys(num["four"], "=")  # the last one, placed by itself: its number picks it for `=`
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1", "#2=", "#2=", "#2="]
+        page.el("#ranking .card:nth-child(3) button.tie").click()  # the mouse: "three" untied from "two" ...
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1", "#2", "#3=", "#3="]
+        assert _active(driver)["tag"] != "BUTTON"  # ... and the focus given up: Enter submits
+        page.keys(Keys.ENTER)
+
+        page.wait_prompt("Pick two?")  # K = 2: `=` ties the one picked with the one placed by itself
+        page.keys(page.number_of("no"), "=")
+        assert [e.text for e in page.els("#ranking .rank")] == ["#1=", "#1="]
+        page.keys(Keys.ENTER)
+        _wait(driver, lambda: page.el("#done-view").is_displayed(), "the done view")
+    rows = read_rows(out)
+    assert [r.get("ratings") for r in rows] == [[7, 7, 6], [7, 6, 5, 5], [7, 7]]

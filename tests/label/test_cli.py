@@ -529,10 +529,15 @@ def test_a_rerun_with_another_k_says_judged_prompts_keep_theirs(files, tiny_ckpt
     out = str(d / "labels.jsonl")
     argv = ["--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", out]
     assert _run(monkeypatch, [*argv, "--k", "2"], _judge_first) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "(1 session)" in printed  # not "1 sessions"
     assert _run(monkeypatch, [*argv, "--k", "3"], _judge_first) == 0
     printed = capsys.readouterr().out
-    assert "--k 3: 1 of 4 prompts were judged by an earlier run on 2 responses and keep them" in printed
+    assert "--k 3: 1 of 4 prompts was judged by an earlier run on 2 responses and keeps them" in printed
+    # the line says what is served: not "4 prompts x 3 responses" when one keeps 2
+    assert f"rank: 4 prompts: 1 with 2 responses, 3 with 3 from {tiny_ckpt} (stage pretrain); 1 of 4 judgements" \
+        in printed
+    assert "2 of 4 judgements in" in printed and "(2 sessions)" in printed
     assert [len(r["responses"]) for r in read_rows(Path(out))] == [2, 3]
     assert [c["n"] for c in fake_sampling] == [2, 3] and len(fake_sampling[1]["prompts"]) == 3
 
@@ -641,3 +646,226 @@ def test_ranking_rows_record_their_checkpoint_and_another_one_cannot_continue_th
     err = _mistake(capsys, ["--ckpt", str(tiny_ckpt), *argv[:2], "--out", str(d / "r.jsonl"), "--port", "0"])
     assert "r.jsonl:1: model: missing: the rows are of --responses or of an older `label`" in err
     assert out.read_bytes() == before and len(fake_sampling) == 2
+
+
+# ---- options a mode would ignore, an --out that names no file, a stop before serving ----
+
+@pytest.mark.parametrize("option", [["--temperature", "0.5"], ["--temperature", "1.0"], ["--max-new-tokens", "8"],
+                                    ["--device", "cpu"], ["--device", "auto"], ["--batch-size", "4"]])
+def test_sampling_options_with_responses_are_refused(files, capsys, option):
+    """--responses are sampled already: a sampling option given with them (even at its default
+    value) would be ignored, so it is refused, as --k is."""
+    d, _, responses = files
+    err = _mistake(capsys, ["--responses", str(responses), "--out", str(d / "l.jsonl"), "--port", "0", *option])
+    assert f"error: {option[0]}: sampling options, for --ckpt or --compare" in err
+    assert not (d / "l.jsonl").exists()
+
+
+def test_seed_and_overlap_still_go_with_responses(files, monkeypatch):
+    d, _, responses = files
+    assert _run(monkeypatch, ["--responses", str(responses), "--seed", "3", "--overlap", "0.5", "--out",
+                              str(d / "l.jsonl")], _judge_first) == 0
+    assert len(read_rows(d / "l.jsonl")) == 1
+
+
+@pytest.mark.parametrize("options", [["--out", "x.jsonl"], ["--port", "0"], ["--port", "8765"], ["--overlap", "0.5"],
+                                     ["--host", "0.0.0.0"], ["--seed", "1"], ["--temperature", "0"],
+                                     ["--batch-size", "2"], ["--max-new-tokens", "3"], ["--device", "cpu"],
+                                     ["--out", "x.jsonl", "--port", "0"]])
+def test_agreement_refuses_the_options_it_would_ignore(tmp_path, capsys, options):
+    labels = _write(tmp_path / "labels.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranking": r,
+                                                 "annotator": who} for r, who in (([0, 1], "ann-one-1"),
+                                                                                  ([1, 0], "ann-two-2"))])
+    err = _mistake(capsys, ["--agreement", str(labels), *options])
+    named = ", ".join(o for o in options if o.startswith("--"))
+    assert f"error: {named}: not used by --agreement" in err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("out", ["", "newdir/", "q.jsonl/", ".", "sub/..", "newdir/."])
+def test_an_out_that_names_no_file_is_refused(files, tiny_ckpt, tiny_ckpt_b, capsys, monkeypatch, no_sampling, out):
+    """pathlib reads `q.jsonl/` as `q.jsonl` and "" fell back to the default: a path that names a
+    directory by its spelling, or none, is refused before anything is read or written."""
+    d, prompts, responses = files
+    monkeypatch.chdir(d)
+    before = sorted(os.listdir(d))
+    for argv, default in ((["--responses", str(responses)], "labels.jsonl"),
+                          (["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts)], "compare.jsonl")):
+        err = _mistake(capsys, [*argv, "--out", out, "--port", "0"])
+        if out:
+            assert f"error: --out {out}: names a directory" in err and os.path.join(out, default) in err
+        else:
+            assert f'error: --out "": an empty path; give a file (or leave --out out for {default})' == err
+    assert sorted(os.listdir(d)) == before
+
+
+def test_an_undo_after_a_complete_comparison_is_refused_also_after_a_restart(files, tiny_ckpt, tiny_ckpt_b,
+                                                                             monkeypatch, fake_sampling):
+    """The tester's run: every prompt judged, the win rate shown, then an undo (the page's
+    button or U) to judge again knowing the score. Refused; neither file changes."""
+    d, prompts, _ = files
+    out, res = d / "c.jsonl", d / "c.result.json"
+    argv = ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts), "--out", str(out)]
+    sessions = []
+
+    def judge_all_then_undo(c):
+        view = c.next()
+        while view["item"]:
+            status, view = c.post("/api/judge", {"item": view["item"]["id"], "ranking": [0, 1], "ties": [False]})
+            assert status == 200, view
+        assert view["result"]["judgements"] == 4 and view["can_undo"] is False
+        before = (out.read_bytes(), res.read_bytes())
+        status, err = c.post("/api/undo")
+        assert status == 400 and "judgements are final" in err["error"]
+        assert (out.read_bytes(), res.read_bytes()) == before
+        sessions.append(c.session)
+    assert _run(monkeypatch, argv, judge_all_then_undo) == 0
+    before = (out.read_bytes(), res.read_bytes())
+
+    def after_a_restart(c):
+        c.session = sessions[0]
+        view = c.next()
+        assert view["item"] is None and view["can_undo"] is False and view["result"]["judgements"] == 4
+        assert c.post("/api/undo")[0] == 400
+    assert _run(monkeypatch, argv, after_a_restart) == 0
+    assert (out.read_bytes(), res.read_bytes()) == before
+
+
+def _save_again(ckpt: Path) -> str:
+    """Train `ckpt` again in place as a stage does (same path, same stage, new weights): the new
+    save id, read from its config.json."""
+    import torch
+
+    from minirlhf import checkpoint
+
+    meta = json.loads((ckpt / "config.json").read_text())
+    model = checkpoint.load_model_from(ckpt)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    checkpoint.save(ckpt, stage=meta["stage"], model=model, tokenizer=checkpoint.load_tokenizer(ckpt),
+                    step=meta["step"] + 1, finished=True)
+    now = json.loads((ckpt / "config.json").read_text())
+    assert now["stage"] == meta["stage"] and now["save_id"] != meta["save_id"]
+    return now["save_id"]
+
+
+def test_a_checkpoint_saved_again_in_place_cannot_continue_its_rows(files, tiny_ckpt, monkeypatch, fake_sampling,
+                                                                    capsys):
+    d, prompts, _ = files
+    ck = Path(shutil.copytree(tiny_ckpt, d / "run" / "sft"))
+    first = json.loads((ck / "config.json").read_text())["save_id"]
+    out = d / "labels.jsonl"
+    argv = ["--ckpt", str(ck), "--prompts", str(prompts), "--out", str(out)]
+    assert _run(monkeypatch, argv, _judge_first) == 0
+    assert _run(monkeypatch, argv, _judge_first) == 0  # the same save: continues
+    assert [r["model_save_id"] for r in read_rows(out)] == [first, first]
+    now = _save_again(ck)
+    before = out.read_bytes()
+    capsys.readouterr()
+    err = _mistake(capsys, [*argv, "--port", "0"])
+    assert (f'labels.jsonl:1: model_save_id: {ck} was saved again since the responses were sampled (save id '
+            f'"{first}" then, "{now}" now): it holds other weights; continuing would mix two policies\' responses'
+            in err)
+    assert out.read_bytes() == before and len(fake_sampling) == 2
+    # rows of a `label` from before save ids continue as before (nothing to compare them with)
+    _write(out, [{k: v for k, v in r.items() if k != "model_save_id"} for r in read_rows(out)])
+    assert _run(monkeypatch, argv, _judge_first) == 0
+    assert [r.get("model_save_id") for r in read_rows(out)] == [None, None, now]
+
+
+def test_compare_refuses_a_checkpoint_saved_again_in_place(files, tiny_ckpt, tiny_ckpt_b, monkeypatch, fake_sampling,
+                                                           capsys):
+    d, prompts, _ = files
+    a, b = (Path(shutil.copytree(c, d / name / "sft")) for c, name in ((tiny_ckpt, "a"), (tiny_ckpt_b, "b")))
+    ids = [json.loads((c / "config.json").read_text())["save_id"] for c in (a, b)]
+    out = d / "compare.jsonl"
+    argv = ["--compare", str(a), str(b), "--prompts", str(prompts), "--out", str(out)]
+    assert _run(monkeypatch, argv, _judge_first) == 0
+    assert read_rows(out)[0]["model_save_ids"] == ids
+    now = _save_again(b)
+    capsys.readouterr()
+    err = _mistake(capsys, [*argv, "--port", "0"])
+    assert f'compare.jsonl:1: model_save_ids: B: {b} was saved again since the responses were sampled (save id ' \
+           f'"{ids[1]}" then, "{now}" now)' in err
+    assert len(fake_sampling) == 2  # A and B, once
+
+
+def test_agreement_says_why_it_has_no_figure(tmp_path, capsys):
+    """The tester's three files: every shared prompt tied by one annotator (no figure, and why),
+    an annotator that is a number, and shared prompts that were skipped."""
+    resp = ["a", "b", "c"]
+    tied = [{"prompt": f"p{i}", "responses": resp, "ratings": [5, 5, 5], "annotator": f"ann-tied-{i}"}
+            for i in range(3)]
+    strict = [{"prompt": f"p{i}", "responses": resp, "ranking": [0, 1, 2], "annotator": "ann-strict"}
+              for i in range(3)]
+    ovtie = _write(tmp_path / "ovtie.jsonl", tied + strict)
+    assert main(["label", "--agreement", str(ovtie)]) == 0
+    printed = capsys.readouterr().out
+    # 3 prompts x C(3, 2) pairs, each tied by the annotator who tied all three responses
+    assert f"{ovtie}: 3 prompts judged by two or more annotators (4 annotators)" in printed
+    assert "no pairwise agreement: each of the 9 response pairs that two annotators judged was tied by one or both" \
+        in printed
+    assert "no Kendall's tau-b: on every shared prompt one annotator or both tied all the responses" in printed
+
+    number = _write(tmp_path / "number.jsonl", [{**strict[0], "annotator": 5}])
+    err = _mistake(capsys, ["--agreement", str(number)])
+    assert err == f"error: {number}:1: annotator: expected a string, got number 5"
+
+    def skip(row, who):
+        return {"prompt": row["prompt"], "responses": resp, "ratings": [4, 4, 4], "skipped": True, "annotator": who}
+    # p0: judged by one, skipped by another; p1: skipped by both
+    skipped = _write(tmp_path / "skipped.jsonl", [strict[0], skip(strict[0], "x-2"), skip(strict[1], "x-3"),
+                                                  skip(strict[1], "x-4")])
+    err = _mistake(capsys, ["--agreement", str(skipped)])
+    assert (f"error: {skipped}: no prompt was judged by two annotators: the 2 prompts shown to two or more were "
+            f"skipped by all of them or all but one (a skip carries no ordering)") == err
+
+
+SLOW_SAMPLING = """
+import sys, time
+from minirlhf.label import sampling
+def sample(*a, **kw):
+    print("[test] sampling", flush=True)
+    time.sleep(120)
+sampling.sample = sample
+from minirlhf.cli import main
+sys.exit(main(["label", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow  # a subprocess: a few seconds
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stop_while_sampling_says_so_writes_nothing_and_exits_128_plus_the_signal(files, tiny_ckpt, sig, code,
+                                                                                      name):
+    """Ctrl-C or `kill` while the responses are sampled: one line saying so, --out as it was (a
+    new one not created, an earlier run's rows untouched), exit 130 / 143 as a shell reports a
+    command a signal ended. (Stopping the server once it serves is the ordinary stop: exit 0.)"""
+    d, prompts, _ = files
+    out = d / "labels.jsonl"
+    if sig == signal.SIGTERM:  # an earlier run's row, of this checkpoint: the other prompts are sampled
+        meta = json.loads((tiny_ckpt / "config.json").read_text())
+        _write(out, [{"prompt": PROMPTS[0], "responses": ["x", "y"], "ranking": [0, 1], "model": str(tiny_ckpt),
+                      "stage": meta["stage"], "model_save_id": meta["save_id"], "item": 0, "annotator": "ann-one-1",
+                      "shown": [1, 0]}])
+    before = out.read_bytes() if out.exists() else None
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAMPLING, "--ckpt", str(tiny_ckpt), "--prompts", str(prompts),
+                             "--max-new-tokens", "8", "--port", "0", "--out", str(out)], cwd=d,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:
+            if line.startswith("[test] sampling"):
+                break
+        else:
+            raise AssertionError(f"never sampled: {proc.communicate()}")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == \
+        [f"interrupted ({name}): sampling was stopped; nothing was written to {out}"]
+    assert (out.read_bytes() if out.exists() else None) == before

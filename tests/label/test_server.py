@@ -612,3 +612,82 @@ def test_ambiguous_framing_headers_are_refused_and_change_nothing(tmp_path):
         status, _, reply = _raw_reply(server.port, start + host + b"Content-Length: " + n + b"\r\n\r\n" + body)
         assert status == 200, reply
     assert [r["item"] for r in read_rows(out)] == [view["item"]["id"]]
+
+
+# ---- a complete --compare is final; every row continued must be one the preference reader takes ----
+
+def test_a_complete_comparison_refuses_undo_also_after_a_restart(tmp_path):
+    """Once the win rate is shown, nobody may re-judge knowing it: no undo, on this server or
+    on a restarted one. Before that, undo is an ordinary correction; ranking keeps its undo."""
+    pairs = [Item(f"prompt {i}?", (f"A says {i}", f"B says {i}")) for i in range(2)]
+    out = tmp_path / "c.jsonl"
+    changes = []
+    kw = dict(mode="compare", models=["/runs/a", "/runs/b"], on_change=lambda state: changes.append(1))
+    with running(out, pairs, **kw) as server:
+        c = Client(server)
+        view = c.next()
+        status, view = c.post("/api/judge", {"item": 0, "ranking": [0, 1], "ties": [False]})
+        assert status == 200 and view["can_undo"]  # not complete: still blind, undo allowed
+        status, view = c.post("/api/undo")
+        assert status == 200 and view["item"]["id"] == 0
+        for item in (0, 1):
+            status, view = c.post("/api/judge", {"item": item, "ranking": [1, 0], "ties": [False]})
+            assert status == 200
+        assert view["item"] is None and view["result"]["judgements"] == 2 and view["can_undo"] is False
+        before, n_changes = out.read_bytes(), len(changes)
+        status, err = c.post("/api/undo")
+        assert status == 400 and "judgements are final" in err["error"]
+        assert out.read_bytes() == before and len(changes) == n_changes  # the result was not rewritten
+        assert c.next()["can_undo"] is False
+    with running(out, pairs, **kw) as server:  # a restart of the completed comparison
+        again = Client(server, session=c.session)
+        view = again.next()
+        assert view["item"] is None and view["result"]["judgements"] == 2 and view["can_undo"] is False
+        status, err = again.post("/api/undo")
+        assert status == 400 and "judgements are final" in err["error"]
+    assert out.read_bytes() == before
+    with running(tmp_path / "labels.jsonl", ITEMS[:1]) as server:  # ranking: the last judgement can be undone
+        c = Client(server)
+        status, view = c.judge_by_text(c.next(), list(ITEMS[0].responses))
+        assert view["item"] is None and view["can_undo"]
+        assert c.post("/api/undo")[0] == 200
+
+
+def _row(item: int, **change) -> dict:
+    row = {"prompt": ITEMS[item].prompt, "responses": list(ITEMS[item].responses),
+           "ranking": list(range(len(ITEMS[item].responses))), "item": item, "annotator": "someone-else",
+           "shown": list(range(len(ITEMS[item].responses)))}
+    return {k: v for k, v in {**row, **change}.items() if v is not None}
+
+
+@pytest.mark.parametrize("line", [
+    json.dumps(_row(1, ranking=[0, 0, 1, 2])),                              # the tester's: not a permutation
+    json.dumps(_row(1, ranking=[0, 1, 2])),                                 # one index short
+    json.dumps(_row(1, ranking=[0, 1, 2, True])),                           # true is no index
+    json.dumps(_row(1, ranking=None, ratings=[7, 8, 6, 5])),                # a rating out of 1..7
+    json.dumps(_row(1, ranking=None, ratings=[7, 6, 5])),                   # 3 ratings for 4 responses
+    json.dumps(_row(1, ratings=[7, 6, 5, 4])),                              # ranking and ratings
+    json.dumps(_row(1, ranking=None)),                                      # neither
+    json.dumps(_row(1, responses=list(ITEMS[1].responses[:3]) + [7])),      # a response that is no text
+    json.dumps(_row(1))[:-1] + ', "ranking": [3, 2, 1, 0]}',                # a field given twice
+], ids=["not-a-permutation", "short", "true", "rating-8", "ratings-length", "both", "neither", "response-7",
+        "twice"])
+def test_a_row_the_preference_reader_refuses_is_refused_with_its_message(tmp_path, line):
+    """`rm` and `--agreement` read the file label continues: a row they would refuse is refused at
+    start with the message they give (read_preferences is the reference), and left as it was."""
+    from minirlhf.data import DataError
+
+    out = tmp_path / "labels.jsonl"
+    for end in ("\n", ""):  # also as a last line that lost its newline (a kill -9)
+        out.write_text(json.dumps(_row(0)) + "\n" + line + end)
+        before = out.read_bytes()
+        with pytest.raises(DataError) as reader:
+            read_preferences(out)
+        with pytest.raises(ValueError) as label:
+            with running(out):
+                pass
+        assert str(label.value) == str(reader.value) and str(label.value).startswith(f"{out}:2: ")
+        assert out.read_bytes() == before
+    out.write_text(json.dumps(_row(0)) + "\n" + json.dumps(_row(1)) + "\n")  # the counterpart: valid rows continue
+    with running(out) as server:
+        assert Client(server).next()["item"]["id"] == 2

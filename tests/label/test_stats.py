@@ -89,6 +89,7 @@ def test_agreement_hand_worked():
     # tau-b: p = (2 - 1) / 3 = 1/3; q: scores (1, 2, 3) vs (1, 5, 5): 2 concordant, 1 tied in y -> 2 / sqrt(3 * 2)
     assert a["kendall_tau"] == pytest.approx((1 / 3 + 2 / math.sqrt(6)) / 2)
     assert a["kendall_tau_n"] == 2
+    assert a["skipped_shared"] == 1  # s: shown to both, skipped by one
 
 
 def test_agreement_over_conversation_prompts():

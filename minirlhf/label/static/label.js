@@ -12,6 +12,7 @@
   let view = null;     // the server's last answer: {session, mode, item, progress, can_undo, result?}
   let picked = [];     // display positions, best first
   let tied = [];       // tied[i]: picked[i] is as good as picked[i - 1] (tied[0] unused)
+  let current = null;  // the display position `=` ties: the last one picked (not the one placed by itself)
   let busy = false;    // a request is in flight: ignore input until it lands
   let drag = null;
 
@@ -93,15 +94,21 @@
     }
   }
 
+  // a number picks that response as the next best; the number of one already ranked makes it
+  // the one `=` ties (so the last response, placed by itself, can be tied too)
   function pick(pos) {
-    if (pos >= k() || picked.includes(pos)) return;
-    insertAt(picked.length, pos);
-    autoComplete();
+    if (pos >= k()) return;
+    if (!picked.includes(pos)) {
+      insertAt(picked.length, pos);
+      autoComplete();
+    }
+    current = pos;
     render();
   }
 
   function takeBack() {
     if (picked.length) removeAt(picked.length - 1);
+    if (!picked.includes(current)) current = null;
     render();
   }
 
@@ -109,6 +116,13 @@
     if (i < 1 || i >= picked.length) return;
     tied[i] = !tied[i];
     render();
+  }
+
+  // `=`: tie the current response with the one above it (the best one: with the one below);
+  // without a current one, the last in the ranking
+  function tieCurrent() {
+    const i = picked.includes(current) ? picked.indexOf(current) : picked.length - 1;
+    toggleTie(i === 0 ? 1 : i);
   }
 
   function submit() {
@@ -190,7 +204,8 @@
     if (e.type === "pointercancel") { render(); return; }
     const wasPicked = picked.includes(d.pos);
     if (!d.moved) {  // a click: pick it, or send a ranked one back
-      if (wasPicked) removeAt(picked.indexOf(d.pos)); else { insertAt(picked.length, d.pos); autoComplete(); }
+      if (wasPicked) removeAt(picked.indexOf(d.pos));
+      else { insertAt(picked.length, d.pos); autoComplete(); current = d.pos; }
     } else {
       drag = d;  // dropTarget skips the dragged card
       const t = dropTarget(e.clientX, e.clientY);
@@ -198,10 +213,12 @@
       if (t && t.zone === "ranking") {
         insertAt(t.index, d.pos);
         if (!wasPicked) autoComplete();
+        current = d.pos;
       } else if (t && t.zone === "pool" && wasPicked) {
         removeAt(picked.indexOf(d.pos));
       }
     }
+    if (!picked.includes(current)) current = null;
     render();
   }
 
@@ -231,11 +248,13 @@
       if (i > 0) {
         const b = el("button", "tie", tied[i] ? "= tied with the one above" : "tie with the one above");
         b.type = "button";
+        b.dataset.focus = `tie-${i}`;  // render() gives the focus back to the new button
         b.setAttribute("aria-pressed", String(tied[i]));
         b.addEventListener("click", () => toggleTie(i));
         head.append(b);
       }
       li.classList.toggle("tied", tied[i]);
+      li.classList.toggle("current", pos === current);
     }
     li.append(head, el("div", "text", view.item.responses[pos]));
     li.addEventListener("pointerdown", startDrag);
@@ -291,7 +310,17 @@
     }
   }
 
+  // the page is rebuilt on every change: a control that had the focus (a tie button reached
+  // with Tab) gets it back in its new copy, so keyboard use goes on where it was
   function render() {
+    const active = document.activeElement;
+    const had = active && active.dataset ? active.dataset.focus : undefined;
+    draw();
+    const again = had && document.querySelector(`[data-focus="${had}"]`);
+    if (again && again !== document.activeElement) again.focus();
+  }
+
+  function draw() {
     const item = view.item, compare = view.mode === "compare";
     const p = view.progress;
     $("loading").hidden = true;
@@ -313,7 +342,7 @@
     for (const id of ["submit", "back"]) $(id).hidden = !item || compare;
     for (const id of ["pick-left", "pick-tie", "pick-right"]) $(id).hidden = !item || !compare;
     $("skip").hidden = !item;
-    $("undo").hidden = !view.can_undo;
+    $("undo").hidden = !view.can_undo || !!view.result;  // a revealed result: the judgements are final
     $("help-rank").hidden = compare;
     $("help-compare").hidden = !compare;
     if (!item) { renderDone(); return; }
@@ -331,6 +360,7 @@
     setSession(v.session);
     picked = [];
     tied = [];
+    current = null;
     render();
   }
 
@@ -353,7 +383,7 @@
       else if (key === "=" || key === "t") judgeCompare("tie");
       else return;
     } else if (/^[1-9]$/.test(key)) pick(Number(key) - 1);
-    else if (key === "=" || key === "t") toggleTie(picked.length - 1);
+    else if (key === "=" || key === "t") tieCurrent();
     else if (key === "backspace") takeBack();
     else if (key === "enter") submit();
     else return;
@@ -361,10 +391,11 @@
   });
 
   // a button clicked with the mouse gives its focus back, so Enter submits rather than
-  // pressing that button again; a button reached with Tab keeps it (Enter / Space press it)
+  // pressing that button again; a button reached with Tab keeps it (Enter / Space press it).
+  // The active element, not the target: a tie button is replaced (and refocused) by render()
   document.addEventListener("click", (e) => {
-    const b = e.target.closest("button");
-    if (b && e.detail > 0) b.blur();
+    const a = document.activeElement;
+    if (e.detail > 0 && e.target.closest("button") && a && a.tagName === "BUTTON") a.blur();
   });
   $("submit").addEventListener("click", submit);
   $("back").addEventListener("click", takeBack);
