@@ -303,7 +303,7 @@ def main(args) -> int:
         if store is not None:
             store.close()
         if isinstance(e, KeyboardInterrupt):
-            return _interrupted(stopped, "stopped before sampling", out, store)
+            return _interrupted(stopped, "stopped" if args.agreement else "stopped before sampling", out, store)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
