@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--port", type=bounded(int, ge=0, le=65535), default=None,
                      help=f"port, 0 for any free one (default {d['port']})")
     srv.add_argument("--overlap", type=bounded(float, ge=0, le=1), default=None,
-                     help=f"fraction of prompts given to two annotators, for --agreement (0..1, default {d['overlap']})")
+                     help=f"fraction of prompts given to two annotators, for --agreement (0..1, "
+                          f"default {d['overlap']})")
     srv.add_argument("--seed", type=bounded(int, ge=0, le=SEED_MAX), default=None,
                      help=f"sampling seed, 0..{SEED_MAX} as train's; also picks the overlapped prompts "
                           f"(default {d['seed']})")
@@ -361,7 +362,7 @@ def _interrupted(stopped: list[int], what: str, out: Path | None, store: LabelFi
     if out is None:
         written = "nothing was written"
     elif store is not None and store.repaired:
-        written = f"no judgement was written to {out} (only its unfinished last line was finished)"
+        written = f"no judgement was written to {out} (only its unfinished last line was repaired)"
     else:
         written = f"nothing was written to {out}"
     print(f"\ninterrupted ({'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}): {what}; {written}",

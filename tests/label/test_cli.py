@@ -689,8 +689,8 @@ def test_an_out_that_names_no_file_is_refused(files, tiny_ckpt, tiny_ckpt_b, cap
     d, prompts, responses = files
     monkeypatch.chdir(d)
     before = sorted(os.listdir(d))
-    for argv, default in ((["--responses", str(responses)], "labels.jsonl"),
-                          (["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts)], "compare.jsonl")):
+    compare = ["--compare", str(tiny_ckpt), str(tiny_ckpt_b), "--prompts", str(prompts)]
+    for argv, default in ((["--responses", str(responses)], "labels.jsonl"), (compare, "compare.jsonl")):
         err = _mistake(capsys, [*argv, "--out", out, "--port", "0"])
         if out:
             assert f"error: --out {out}: names a directory" in err and os.path.join(out, default) in err
