@@ -119,7 +119,13 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     checked for non-finite values, logged to metrics.jsonl, shown on the progress bar
     (`show` keys), and every save_every steps a resume checkpoint is written. A
     non-finite value (or NonFiniteError from inside the step) raises StageStopped: the
-    last resume checkpoint on disk is the last good one."""
+    last resume checkpoint on disk is the last good one. ValueError when a resumed stage is
+    already past `total` (a rerun that asks for fewer steps than the checkpoint has taken: it
+    would be marked finished as a shorter run than it is)."""
+    if step > total:
+        raise ValueError(f"{stage}: its checkpoint is at step {step}, past the {total} steps this run asks for "
+                         f"({_TOTAL_OPTION.get(stage, 'its length options')}); resume with at least {step}, or delete "
+                         f"the stage's checkpoint to start it over")
     metrics.log(stage, step, event="start")
     bar = progress(total, stage, initial=step)
     saved = step or None  # the step of the checkpoint on disk (a resumed stage started from one)
@@ -148,6 +154,8 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     return step
 
 
+# the options that set a stage's number of steps
+_TOTAL_OPTION = {"pretrain": "--pretrain.steps", "sft": "--sft.epochs", "rm": "--rm.epochs", "ppo": "--ppo.iterations"}
 # what makes a stage's numbers blow up, besides its learning rate: the loss terms a user can scale
 _ALSO_TO_LOWER = {"ppo": " (or --ppo.critic_lr, or a large --ppo.kl_coef / --ppo.ptx_coef / --ppo.entropy_coef)"}
 

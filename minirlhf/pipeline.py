@@ -23,7 +23,7 @@ from .config import RunConfig
 from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
                    row_lines)
 from .device import resolve_device, seed_everything, use_all_cores
-from .files import write_json
+from .files import read_json_object, write_json
 from .metrics import Metrics
 from .tokenizer import TOKENIZER_FILE, Tokenizer, token_stream
 
@@ -433,19 +433,21 @@ def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, 
     the run directory's stages.json when the stage finishes)."""
     finished, unfinished = _state(name, out)
     keys_path = out.parent / STAGES_FILE
-    recorded = json.loads(keys_path.read_text()) if key is not None and keys_path.exists() else {}
+    recorded = read_json_object(keys_path) if key is not None and keys_path.exists() else {}
     if finished:
         if key is not None and name in recorded and recorded[name] != key:
             raise ValueError(f"{out}: made with {_first_difference(recorded[name], key)}; use another --out, or "
                              f"delete {out} (and the stages after it) to redo it")
         print(f"[{name}] finished earlier, kept: {out}")
-        if key is not None and name not in recorded:
+        if key is not None and name not in recorded:  # a stage an experiment linked in from another arm
             _record_key(keys_path, name, key)
         return
     if unfinished and not resume:
         raise ValueError(f"{unfinished}: unfinished {name} output; rerun with --resume to continue it, or "
                          f"delete it to start the stage over")
     distributed.barrier()  # every rank has looked at the output before rank 0 writes to it
+    if key is not None:  # before the stage runs, so that no finished stage is ever without its record
+        _record_key(keys_path, name, key)
     t0 = time.time()
     call(bool(unfinished))
     wall[name] = round(time.time() - t0, 1)
@@ -456,7 +458,7 @@ def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, 
 def _record_key(path: Path, name: str, key: dict) -> None:
     if not distributed.is_main():
         return
-    keys = json.loads(path.read_text()) if path.exists() else {}
+    keys = read_json_object(path) if path.exists() else {}
     keys[name] = key
     write_json(path, keys, sort_keys=True)
 
@@ -561,10 +563,26 @@ def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=
     check_inputs(cfg, inputs, tokenizer, stages)
     calls = stage_calls(cfg, run_dir, inputs, metrics, tokenizer)
     dirs = {"base": from_dir, "sft": from_dir, "rm": rm_dir, "preferences": run_dir / PREFERENCES_FILE}
+    keys = command_keys(cfg, stages, {"--from": from_dir, "--rm": rm_dir})
     wall: dict = {}
     for s in stages:
-        run_stage(s, stage_output(s, run_dir), lambda r, s=s: calls[s](dirs, r), resume, wall)
+        run_stage(s, stage_output(s, run_dir), lambda r, s=s: calls[s](dirs, r), resume, wall, key=keys[s])
     return stage_output(name, run_dir)
+
+
+def command_keys(cfg: RunConfig, stages: tuple[str, ...], inputs: dict) -> dict[str, dict]:
+    """stage_keys for a single-stage command: what its output depends on is its own stages' config
+    fields, the run-wide ones (seed, device, init_from, model) and its input checkpoints ({option:
+    directory}: the resolved path and the save's id, so a checkpoint retrained in place is another
+    input). A rerun into the same --out with another --from, --rm or option is refused like train's."""
+    fields = {s: () for s in ORDER}
+    for i, s in enumerate(stages):
+        own = STAGE_FIELDS["rankings"] if s == "rm" else STAGE_FIELDS[s]  # rm reads the rankings' fields
+        fields[s] = STAGE_FIELDS[s] if s == "pretrain" else (
+            ("seed", "device", "init_from", "model") if i == 0 else ()) + own
+    given = {label: f"{Path(d).resolve()} (save {checkpoint.save_id(d)})" for label, d in inputs.items()
+             if d is not None}
+    return {s: {**k, **({"inputs": given} if given else {})} for s, k in stage_keys(cfg, fields).items()}
 
 
 def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=None) -> dict:

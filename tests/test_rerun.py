@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,73 @@ def test_ptx_windows_longer_than_the_adopted_context_are_refused_not_cut(tiny_ru
                                  f"the model.max_seq_len=96 of --from ({run / 'sft'}); rerun with --pretrain.seq_len 96 "
                                  f"or less")
     assert not (tmp_path / "a" / "ppo").exists()
+
+
+def test_a_stage_command_rerun_with_another_input_or_option_is_refused(tiny_run, tmp_path, capsys):
+    """Like train: a finished stage of a single-stage command is kept only for the same options and
+    the same input checkpoint (its path and its save: a checkpoint saved again in place is another)."""
+    run = tiny_run[0]
+    out = tmp_path / "s"
+    assert main(["sft", "--preset", "tiny", "--from", str(run / "pretrain"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["sft", "--preset", "tiny", "--from", str(run / "pretrain"), "--out", str(out)]) == 0
+    assert f"[sft] finished earlier, kept: {out / 'sft'}" in capsys.readouterr().out
+    assert main(["sft", "--preset", "tiny", "--from", str(run / "pretrain"), "--out", str(out),
+                 "--sft.lr", "0.01"]) == 2
+    assert "sft: made with sft.lr=0.001, this run asks for 0.01; use another --out" in _one_line(capsys)
+    other = tmp_path / "other_base"
+    shutil.copytree(run / "pretrain", other)
+    assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 2
+    line = _one_line(capsys)
+    assert f"made with inputs.--from='{(run / 'pretrain').resolve()} (save " in line, line
+    assert f"this run asks for '{other.resolve()} (save " in line, line
+    model, tok = checkpoint.load_model_from(other), checkpoint.load_tokenizer(other)
+    shutil.rmtree(out)
+    assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 0
+    checkpoint.save(other, stage="pretrain", model=model, tokenizer=tok, step=1, finished=True)  # retrained in place
+    capsys.readouterr()
+    assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 2
+    assert "made with inputs.--from=" in _one_line(capsys)
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_took_is_refused(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p"
+    monkeypatch.setenv("MINIRLHF_FAIL_AT", "pretrain:10")  # killed right after the step-10 save
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--pretrain.save_every", "10"]) == 1
+    monkeypatch.delenv("MINIRLHF_FAIL_AT")
+    capsys.readouterr()
+    assert checkpoint.read_meta(out / "pretrain")["step"] == 10
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--pretrain.save_every", "10",
+                 "--pretrain.steps", "5", "--resume"]) == 2
+    assert _one_line(capsys) == ("error: pretrain: its checkpoint is at step 10, past the 5 steps this run asks for "
+                                 "(--pretrain.steps); resume with at least 10, or delete the stage's checkpoint to "
+                                 "start it over")
+    assert not checkpoint.read_meta(out / "pretrain")["finished"]
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("user_dir", "holds files minirlhf did not write (notes.md, settings.json); give a new or empty directory"),
+    ("checkpoint", "a stage's checkpoint, not a run directory"),
+    ("inside_run", "inside the run directory"),
+    ("empty_string", "--out: an empty path; leave the option out for the default runs/tiny"),
+])
+def test_an_out_that_is_not_a_run_directory_is_refused_and_left_alone(tiny_run, tmp_path, capsys, where, needle):
+    run = tiny_run[0]
+    if where == "user_dir":
+        out = tmp_path / "proj"
+        out.mkdir()
+        (out / "settings.json").write_text('{"my": "settings"}')
+        (out / "notes.md").write_text("notes")
+    elif where == "checkpoint":
+        out = tmp_path / "ckpt"
+        shutil.copytree(run / "sft", out)
+    elif where == "inside_run":
+        out = run / "extra"
+    else:
+        out = ""
+    before = {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()} if out else {}
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out)]) == 2
+    assert needle in _one_line(capsys)
+    if out:
+        assert {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()} == before
+    assert not (run / "extra").exists()
