@@ -6,6 +6,7 @@ host sync on CUDA; it is the price of an error message instead of a device asser
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -122,13 +123,15 @@ def check_ppo_args(op, ref_tensor, lead, labels, old_logprobs, advantages, mask,
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"{op}: clip_eps must be in [0, 1), got {clip_eps!r}")
     clip_high = clip_low if clip_eps_high is None else check_finite(op, "clip_eps_high", clip_eps_high)
-    if clip_high < 0.0:
-        raise ValueError(f"{op}: clip_eps_high must be >= 0, got {clip_eps_high!r}")
+    if clip_high < clip_low:  # clip-higher widens the upper bound only (DAPO); a narrower one is a typo
+        raise ValueError(f"{op}: clip_eps_high must be >= clip_eps ({clip_low}), got {clip_eps_high!r}")
     if dual_clip is not None:
         dual_clip = check_finite(op, "dual_clip", dual_clip)
         if dual_clip <= 1.0:
             raise ValueError(f"{op}: dual_clip must be > 1 (e.g. 3.0), got {dual_clip!r}")
     kl_coef = check_finite(op, "kl_coef", kl_coef)
+    if kl_coef < 0.0:  # a negative coefficient would reward moving away from the reference
+        raise ValueError(f"{op}: kl_coef must be >= 0, got {kl_coef!r}")
     check_choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
     check_choice(op, "loss_agg", loss_agg, LOSS_AGGS)
     if loss_agg.startswith("seq-") and len(lead) < 2:
@@ -141,3 +144,26 @@ def check_ppo_args(op, ref_tensor, lead, labels, old_logprobs, advantages, mask,
     inv_temp = 1.0 / check_positive(op, "temperature", temperature)
     return dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator), inv_temp
+
+
+def first_order_only(op: str):
+    """Decorates an autograd.Function's backward: refuses a backward that builds a graph
+    (create_graph=True, i.e. for second derivatives) with a message naming the op.
+
+    The backwards write into preallocated buffers (out=, in-place) and some gradients are
+    formed in forward, so a graph through them would be wrong or fail deep inside. Raised
+    eagerly: torch.autograd.function.once_differentiable defers its error to the second
+    backward, and when the upstream gradient does not require grad (the usual case) that
+    second backward only says "element 0 of tensors does not require grad".
+    """
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{op}: second derivatives are not supported (backward was called with "
+                    f"create_graph=True); its gradient can be taken once"
+                )
+            return backward(ctx, *grads)
+        return wrapper
+    return wrap

@@ -97,6 +97,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return (logp, ent) if with_entropy else logp
 
     @staticmethod
+    @_checks.first_order_only("linear_token_logprobs")
     def backward(ctx, g, g_ent=None):
         h, weight, labels, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, backend, chunk = ctx.cfg
@@ -157,6 +158,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         return loss.sum(), stats
 
     @staticmethod
+    @_checks.first_order_only("linear_ppo_loss")
     def backward(ctx, grad_loss, _grad_stats=None):
         none = (None,) * 10
         if grad_loss is None:
@@ -205,7 +207,9 @@ def linear_token_logprobs(hidden, weight, labels, temperature=1.0, return_entrop
 
     hidden (..., H), weight (V, H) of one float dtype, labels (...). Returns logp (...)
     float32 (float64 for float64 inputs) [, entropy (...)]; differentiable w.r.t. hidden
-    and weight. chunk_size: token rows per chunk (default: from the memory budget of default_chunk_size).
+    and weight, once (create_graph=True raises RuntimeError). chunk_size: token rows per
+    chunk (default: from the memory budget of default_chunk_size). Raises ValueError for a
+    bad argument, naming it.
     """
     op = "linear_token_logprobs"
     lead, V, H = _check_linear(op, hidden, weight, labels, ignore_index)
@@ -230,8 +234,8 @@ def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask=None,
                     temperature=1.0, loss_agg="token-mean", ignore_index=IGNORE_INDEX, chunk_size=None):
     """ppo_loss(hidden @ weight.T, labels, ...) without materialising the logits.
 
-    Same arguments and return value as kernels.ppo_loss, with hidden (..., H) and
-    weight (V, H) in place of logits; gradients for hidden and weight.
+    Same arguments, ranges, errors and return value as kernels.ppo_loss, with hidden
+    (..., H) and weight (V, H) in place of logits; gradients for hidden and weight, once.
     """
     op = "linear_ppo_loss"
     lead, V, H = _check_linear(op, hidden, weight, labels, ignore_index)

@@ -48,6 +48,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return (logp, ent) if with_entropy else logp
 
     @staticmethod
+    @_checks.first_order_only("token_logprobs")
     def backward(ctx, g, g_ent=None):
         x, labels, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, backend = ctx.cfg
@@ -70,7 +71,9 @@ def token_logprobs(logits, labels, temperature=1.0, return_entropy=False, *, ign
     labels: (...) integer, in [0, V) or == ignore_index.
     Returns logp (...) float32 (float64 for float64 logits), and with return_entropy=True
     also the entropy (...) of each row's distribution. Rows with label == ignore_index
-    give 0 and receive a zero gradient. Differentiable w.r.t. logits.
+    give 0 and receive a zero gradient. Differentiable w.r.t. logits, once: a backward
+    with create_graph=True (second derivatives) raises RuntimeError.
+    Raises ValueError for a bad argument, naming it.
     """
     op = "token_logprobs"
     _checks.check_logits(op, logits)

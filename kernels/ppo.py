@@ -273,6 +273,7 @@ class PPOLossFunction(torch.autograd.Function):
         return loss.sum(), stats
 
     @staticmethod
+    @_checks.first_order_only("ppo_loss")
     def backward(ctx, grad_loss, _grad_stats=None):
         none = (None,) * 9
         if grad_loss is None:
@@ -304,10 +305,14 @@ def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, ref_logprob
 
     logits (..., V) float (e.g. (N, V) or (B, T, V)); labels (...) int; old_logprobs,
     advantages, ref_logprobs (...) float; mask (...) bool/number (nonzero = valid) or None.
-    clip_eps_high defaults to clip_eps (set it higher for asymmetric "clip-higher");
-    dual_clip (> 1) bounds the loss of negative-advantage tokens; kl_coef and every other
-    scalar are plain kernel arguments, so changing them each step costs no recompilation.
+    Ranges: clip_eps in [0, 1); clip_eps_high >= clip_eps, default clip_eps (set it higher
+    for the asymmetric "clip-higher" of DAPO, Yu et al. 2025); dual_clip > 1 or None bounds
+    the loss of negative-advantage tokens; kl_coef >= 0 (> 0 needs ref_logprobs);
+    temperature > 0; all finite. kl_coef and every other scalar are plain kernel
+    arguments, so changing them each step costs no recompilation.
     The loss is a float32 scalar (float64 for float64 logits); see the module docstring.
+    Raises ValueError for a bad argument, naming it, before any compute; the loss can be
+    differentiated once: a backward with create_graph=True raises RuntimeError.
     """
     op = "ppo_loss"
     _checks.check_logits(op, logits)

@@ -11,6 +11,8 @@ X = torch.randn(2, 3, 5)
 Y = torch.randint(0, 5, (2, 3))
 OLD = torch.zeros(2, 3)
 ADV = torch.ones(2, 3)
+H = torch.randn(2, 3, 4)
+W = torch.randn(5, 4)
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
@@ -47,10 +49,14 @@ def test_custom_ignore_index():
     (dict(ref_logprobs=OLD.to("meta")), "ref_logprobs is on meta"),
     (dict(clip_eps=1.0), r"clip_eps must be in \[0, 1\)"),
     (dict(clip_eps=-0.1), "clip_eps"),
-    (dict(clip_eps_high=-0.1), "clip_eps_high must be >= 0"),
+    (dict(clip_eps_high=-0.1), r"clip_eps_high must be >= clip_eps \(0.2\)"),
+    (dict(clip_eps_high=0.1), r"clip_eps_high must be >= clip_eps \(0.2\), got 0.1"),
+    (dict(clip_eps=0.3, clip_eps_high=0.28), r"clip_eps_high must be >= clip_eps \(0.3\)"),
     (dict(dual_clip=1.0), "dual_clip must be > 1"),
     (dict(kl_coef=0.1), "kl_coef=0.1 needs ref_logprobs"),
     (dict(kl_coef=float("nan")), "kl_coef must be finite"),
+    (dict(kl_coef=-1, ref_logprobs=OLD), "kl_coef must be >= 0, got -1"),
+    (dict(kl_coef=torch.tensor(-0.01), ref_logprobs=OLD), "kl_coef must be >= 0"),
     (dict(kl_coef="0.1"), "kl_coef must be a number"),
     (dict(kl_estimator="k4"), "kl_estimator must be one of 'k1', 'k2', 'k3'"),
     (dict(loss_agg="mean"), "loss_agg must be one of"),
@@ -64,6 +70,18 @@ def test_ppo_loss_rejects(kwargs, match):
         ppo_loss(*pos, **base)
 
 
+SCALAR_RANGES = [
+    (dict(clip_eps_high=0.1), r"clip_eps_high must be >= clip_eps \(0.2\), got 0.1"),
+    (dict(kl_coef=-1, ref_logprobs=OLD), "kl_coef must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", SCALAR_RANGES)
+def test_linear_ppo_loss_rejects_scalar_ranges(kwargs, match):
+    with pytest.raises(ValueError, match="^linear_ppo_loss: " + match):
+        linear_ppo_loss(H, W, Y, OLD, ADV, **kwargs)
+
+
 def test_seq_aggregation_needs_sequences():
     with pytest.raises(ValueError, match="needs sequence structure"):
         ppo_loss(X.reshape(6, 5), Y.reshape(6), OLD.reshape(6), ADV.reshape(6), None, loss_agg="seq-mean-token-mean")
@@ -72,10 +90,6 @@ def test_seq_aggregation_needs_sequences():
 def test_kl_coef_accepts_a_one_element_tensor():
     loss, _ = ppo_loss(X, Y, OLD, ADV, None, ref_logprobs=OLD, kl_coef=torch.tensor(0.1))
     assert torch.isfinite(loss)
-
-
-H = torch.randn(2, 3, 4)
-W = torch.randn(5, 4)
 
 
 @pytest.mark.parametrize("h,w,match", [
