@@ -109,20 +109,32 @@ class UserError(ValueError):
     """A mistake in the command line; reported in one line, exit 2."""
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` to an option's help, unless the help states its default already or X is None
+    (an option that is off unless given)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         raise UserError(f"{self.prog}: {message}")
 
 
-def _add_run_options(p: argparse.ArgumentParser, preset: str = "quick") -> None:
+def _add_run_options(p: argparse.ArgumentParser, preset: str = "quick", command: str = "train") -> None:
+    """The options of a run command; eval scores existing checkpoints, so it has no --resume or --skip-sft."""
     p.add_argument("--preset", default="quick", choices=sorted(C.PRESETS),
                    help="starting configuration: tiny (tests, seconds), quick (2 CPU cores, ~5 min), gpu (~100M params, one GPU)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue a stage killed mid-way from its last checkpoint")
+    if command != "eval":
+        p.add_argument("--resume", action="store_true", help="continue a stage killed mid-way from its last checkpoint")
     defaults = C.PRESETS[preset]()  # --help shows the defaults of the --preset given with it
     top = p.add_argument_group("run", f"defaults shown: the {preset} preset's")
     for f in dataclasses.fields(C.RunConfig):
-        if f.name in C.SECTIONS:
+        if f.name in C.SECTIONS or (command == "eval" and f.name == "skip_sft"):
             continue
         flag = "--" + f.name.replace("_", "-")  # --skip-sft, --init-from
         top.add_argument(flag, dest=f"cfg:{f.name}", default=argparse.SUPPRESS, metavar=field_type(f).__name__.upper(),
@@ -185,10 +197,10 @@ def build_parser(preset: str = "quick") -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help in COMMANDS.items():
         usage = f"minirlhf {name} [options] [--SECTION.FIELD VALUE ...]" if name in RUN_COMMANDS else None
-        fmt = argparse.ArgumentDefaultsHelpFormatter if name == "generate" else argparse.HelpFormatter
+        fmt = _DefaultsFormatter if name == "generate" else argparse.HelpFormatter
         sp = sub.add_parser(name, help=help, description=help, usage=usage, formatter_class=fmt, allow_abbrev=False)
         if name in RUN_COMMANDS:
-            _add_run_options(sp, preset)
+            _add_run_options(sp, preset, name)
         if name in ("sft", "rm", "ppo"):
             sp.add_argument("--from", dest="from_dir", default=None,
                             help="checkpoint directory of the previous stage (or --init-from a pretrained model)")
@@ -198,13 +210,16 @@ def build_parser(preset: str = "quick") -> argparse.ArgumentParser:
             sp.add_argument("--ckpt", action="append", default=[],
                             help="checkpoint to score (repeatable; --init-from adds the pretrained model)")
             sp.add_argument("--ref", default=None, help="reference checkpoint for KL (default: the first --ckpt)")
-            sp.add_argument("--rm-ckpt", default=None, help="reward model checkpoint to score with (optional)")
+            sp.add_argument("--rm", "--rm-ckpt", dest="rm_ckpt", default=None, metavar="RM_DIR",
+                            help="reward model checkpoint directory to score with, as ppo's --rm (optional; "
+                                 "--rm-ckpt is its older spelling)")
         if name == "generate":
             sp.add_argument("--ckpt", help="checkpoint directory of a policy (any stage but rm)")
             sp.add_argument("--init-from", help="or a pretrained model: Hugging Face directory or .gguf file")
             sp.add_argument("--max-seq-len", type=bounded(int, **C.MODEL_RANGES["max_seq_len"]), default=None,
                             help="with --init-from only: longest prompt + response, which sizes the RoPE tables "
-                                 "(default: the model's context; a checkpoint keeps its model.max_seq_len)")
+                                 f"(default: the model's context; at most {C.MAX_SEQ_LEN}; a checkpoint keeps its "
+                                 "model.max_seq_len)")
             sp.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
             sp.add_argument("--n", type=bounded(int, ge=1), default=1, help="samples per prompt")
             sp.add_argument("--max-new-tokens", type=bounded(int, ge=1), default=48,

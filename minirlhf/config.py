@@ -165,7 +165,8 @@ class PPOConfig:
                                    "definitions in stages/ppo.py); the same advantages to float rounding (whitening "
                                    "may differ in the last bit)", choices=("cpp", "torch"))
     eval_every: int | None = knob(10, "iterations between gold evaluations on held-out prompts (none: never)", ge=1)
-    eval_prompts: int = knob(64, "held-out prompts scored during training (the final eval uses all)", ge=1)
+    eval_prompts: int = knob(64, "up to this many held-out prompts (those the gold function knows) scored during "
+                                 "training; all of them when there are fewer (the final eval uses all)", ge=1)
     save_every: int = knob(10, "iterations between resume checkpoints", ge=1)
     ptx_coef: float = knob(0.0, "PPO-ptx (InstructGPT eq. 2): gamma times the LM loss on pretraining-corpus windows is "
                                 "added to the policy loss; 0 = off (InstructGPT used 27.8)", ge=0, le=100)
@@ -193,9 +194,15 @@ class EvalConfig:
 
 from .model import ModelConfig  # noqa: E402  (the model owns its config; the run nests it)
 
+# The longest context a run (or `generate --max-seq-len`) may ask for: the longest of the architectures
+# interop imports (Llama 3.1's max_position_embeddings). The RoPE tables are sized by it, so a larger
+# value costs memory and time before any training step.
+MAX_SEQ_LEN = 131072
+
 # ModelConfig lives in model.py; its fields' ranges are kept here with the others.
 MODEL_RANGES = {"vocab_size": {"ge": 8}, "dim": {"ge": 2}, "n_layers": {"ge": 1}, "n_heads": {"ge": 1},
-                "n_kv_heads": {"ge": 1}, "ffn_dim": {"ge": 1}, "max_seq_len": {"ge": 4}, "rope_theta": {"gt": 0},
+                "n_kv_heads": {"ge": 1}, "ffn_dim": {"ge": 1}, "max_seq_len": {"ge": 4, "le": MAX_SEQ_LEN},
+                "rope_theta": {"gt": 0},
                 "norm_eps": {"gt": 0}, "init_std": {"gt": 0}, "head_dim": {"ge": 0},
                 "rope_scaling": {"choices": ("none", "llama3")}, "rope_factor": {"gt": 0},
                 "rope_low_freq_factor": {"gt": 0}, "rope_high_freq_factor": {"gt": 0}, "rope_original_max_len": {"ge": 1}}

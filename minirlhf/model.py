@@ -56,22 +56,34 @@ class ModelConfig:
     rope_original_max_len: int = _knob(8192, "llama3 RoPE scaling: original_max_position_embeddings")
 
     def __post_init__(self):
+        """ValueError `config: model.FIELD=VALUE: why` for the first field that cannot make a model."""
+        def bad(name: str, why: str):
+            raise ValueError(f"config: model.{name}={getattr(self, name)!r}: {why}")
+
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"config: model.{name}={getattr(self, name)!r}: must be a positive integer")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "must be a positive integer")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 0:
+            bad("head_dim", "must be an integer >= 0 (0: dim / n_heads)")
         if not self.head_dim and self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+            bad("dim", f"must be divisible by model.n_heads={self.n_heads} (or give model.head_dim)")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-        if self.head_dim < 0 or self.head_dim_ % 2:
-            raise ValueError(f"model.head_dim={self.head_dim_} must be even for RoPE")
+            bad("n_heads", f"must be divisible by model.n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            bad("head_dim", "must be even for RoPE (it rotates pairs of channels)")
+        if self.head_dim_ % 2:
+            bad("dim", f"dim / n_heads = {self.head_dim_} (the head width) must be even for RoPE (it rotates pairs "
+                       f"of channels)")
         if self.rope_scaling not in ("none", "llama3"):
-            raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: expected 'none' or 'llama3'")
-        if self.rope_scaling == "llama3" and not (
-                self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
-                and self.rope_original_max_len > 0):
-            raise ValueError("model.rope_*: llama3 scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor "
-                             "and original_max_len > 0")
+            bad("rope_scaling", "must be one of none, llama3")
+        if self.rope_scaling == "llama3":
+            for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+                if not getattr(self, name) > 0:
+                    bad(name, "must be > 0 with model.rope_scaling=llama3")
+            if not self.rope_low_freq_factor < self.rope_high_freq_factor:
+                bad("rope_low_freq_factor", f"must be < model.rope_high_freq_factor={self.rope_high_freq_factor!r} "
+                                            f"with model.rope_scaling=llama3")
 
     @property
     def head_dim_(self) -> int:

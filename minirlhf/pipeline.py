@@ -186,6 +186,11 @@ def check_inputs(cfg: RunConfig, inputs: Inputs, tokenizer, stages: tuple[str, .
     if "ppo" in stages and len(inputs.ppo_prompts) < cfg.ppo.batch_size:
         notes.append(f"{len(inputs.ppo_prompts)} PPO prompts < ppo.batch_size={cfg.ppo.batch_size}: each iteration "
                      f"draws its batch with replacement")
+    if "ppo" in stages and cfg.ppo.eval_every is not None:  # ppo.eval_prompts is "up to" (gold_curve)
+        known = sum(map(inputs.task.knows, inputs.eval_prompts))
+        if 0 < known < cfg.ppo.eval_prompts:
+            notes.append(f"ppo.eval_prompts={cfg.ppo.eval_prompts} > {known} held-out prompts the gold function "
+                         f"knows: the gold curve during PPO uses all {known}")
     for n in notes:
         print(f"[data] note: {n}", file=sys.stderr)
 
@@ -604,10 +609,10 @@ def run_eval_command(cfg: RunConfig, run_dir, ckpts: list[str], *, ref=None, rm=
         if d is not None:
             check_role(d, checkpoint.read_meta(d).get("stage"))
     if rm is not None and checkpoint.read_meta(rm).get("stage") != "rm":
-        raise ValueError(f"--rm-ckpt {rm}: a {checkpoint.read_meta(rm).get('stage')} checkpoint, not a reward model")
+        raise ValueError(f"--rm {rm}: a {checkpoint.read_meta(rm).get('stage')} checkpoint, not a reward model")
     ref = ref or ckpts[0]
     cfg = adopt_model(cfg, run_dir, {"the reference": ref, **{f"--ckpt {c}": c for c in ckpts},
-                                     **({"--rm-ckpt": rm} if rm else {})})
+                                     **({"--rm": rm} if rm else {})})
     check_inputs(cfg, inputs, checkpoint.load_tokenizer(ref), ("eval",))
     results = evaluate_checkpoints({str(c): c for c in ckpts}, rm_dir=rm, ref_dir=ref, prompts=inputs.eval_prompts,
                                    gold_score=inputs.gold_score, corpus_heldout=inputs.corpus_heldout, ec=cfg.eval,
