@@ -553,7 +553,7 @@ RUN_FILES = ("config.json", STAGES_FILE, "wall_times.json", METRICS_FILE, PREFER
              "gold_by_stage.png", "ppo_curves.png", "monitor.png")
 
 
-def check_run_dir(run_dir, option: str = "--out") -> None:
+def check_run_files(run_dir, option: str = "--out") -> None:
     """Before any compute: each name a run writes into run_dir is absent or of the kind it writes
     (RUN_DIRS: a directory, and so are their `.tmp`/`.old` save siblings; RUN_FILES: a regular
     file; the lock file: files.check_lock_path, the same line DirLock gives), so that no stage or report meets a

@@ -11,7 +11,7 @@ import pytest
 from minirlhf import files
 from minirlhf.cli import main
 from minirlhf.metrics import METRICS_FILE, Metrics, read_metrics, stage_history
-from minirlhf.pipeline import RUN_DIRS, RUN_FILES, _read_wall, check_run_dir
+from minirlhf.pipeline import RUN_DIRS, RUN_FILES, _read_wall, check_run_files
 
 ROWS = [{"stage": "ppo", "step": 0, "event": "start"}, {"stage": "ppo", "step": 1, "reward": 0.5},
         {"stage": "ppo", "step": 2, "reward": 0.25}]
@@ -121,6 +121,7 @@ def test_train_names_a_corrupt_wall_times_file(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "wall_times.json").write_text("[\n")
+    (run / METRICS_FILE).write_text("")  # a run directory (cli.check_run_dir)
     assert main(["train", "--preset", "tiny", "--out", str(run)]) == 2
     assert _err_lines(capsys)[-1] == f"error: {run / 'wall_times.json'}: line 2: Expecting value at column 1"
     assert not (run / "pretrain").exists()
@@ -131,7 +132,7 @@ def test_train_names_a_corrupt_wall_times_file(tmp_path, capsys):
 def test_a_file_where_a_stage_checkpoint_goes_is_refused(tmp_path, name):
     (tmp_path / name).write_text("x\n")  # `echo x > runs/cz/pretrain`
     with pytest.raises(ValueError) as e:
-        check_run_dir(tmp_path)
+        check_run_files(tmp_path)
     assert str(e.value) == (f"{tmp_path / name}: a regular file, where this run writes a directory (a stage's "
                             f"checkpoint); move it away or use another --out")
     assert (tmp_path / name).read_text() == "x\n"  # left as it was
@@ -142,22 +143,22 @@ def test_a_directory_or_fifo_where_a_run_file_goes_is_refused(tmp_path, name):
     (tmp_path / name).mkdir()
     with pytest.raises(ValueError, match=f"^{tmp_path / name}: a directory, where this run writes a file; move it "
                                          f"away or use another --out$"):
-        check_run_dir(tmp_path)
+        check_run_files(tmp_path)
     (tmp_path / name).rmdir()
     os.mkfifo(tmp_path / name)
     with pytest.raises(ValueError, match=r": a FIFO \(named pipe\), where this run writes a file"):
-        check_run_dir(tmp_path, "--out")
+        check_run_files(tmp_path, "--out")
 
 
 def test_a_run_directory_of_the_right_kinds_passes(tiny_run, tmp_path):
-    check_run_dir(tiny_run[0])
-    check_run_dir(tmp_path / "not-made-yet")
+    check_run_files(tiny_run[0])
+    check_run_files(tmp_path / "not-made-yet")
     (tmp_path / "sft").symlink_to(tiny_run[0] / "sft")  # a link counts as what it points to
     (tmp_path / "notes.txt").mkdir()  # names the run does not write are the user's business
-    check_run_dir(tmp_path)
+    check_run_files(tmp_path)
     (tmp_path / "rm").symlink_to(tmp_path / "gone")
     with pytest.raises(ValueError, match=r"/rm: a symbolic link to nothing, where this run writes a directory"):
-        check_run_dir(tmp_path)
+        check_run_files(tmp_path)
 
 
 # ---------------------------------------------------------------- the lock file
@@ -179,7 +180,7 @@ def test_a_lock_path_that_is_not_a_regular_file_is_refused(tmp_path, make, kind)
         lock.acquire()
     assert str(e.value) == _lock_line(tmp_path, kind)
     with pytest.raises(ValueError) as e:
-        check_run_dir(tmp_path)  # the same line, from the check before any compute
+        check_run_files(tmp_path)  # the same line, from the check before any compute
     assert str(e.value) == _lock_line(tmp_path, kind)
     assert not (tmp_path / "elsewhere").exists()
 
