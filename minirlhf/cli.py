@@ -380,6 +380,13 @@ def cmd_stages(args) -> int:
     return 0
 
 
+def os_error_line(e: OSError) -> str:
+    """An OSError as `PATH: strerror` (`SRC -> DST: strerror` for a rename), or strerror alone
+    when it names no path."""
+    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{paths}: {e.strerror}" if paths else str(e.strerror)
+
+
 def main(argv=None) -> int:
     parser = build_parser(_preset_in(sys.argv[1:] if argv is None else argv))
     try:
@@ -416,6 +423,11 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: {hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
+        if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)) and e.strerror:
+            # the file system refused (a directory where a file goes, no space, no permission): one line
+            # naming the path; a lost connection to another process goes on to end_on_error below
+            distributed.report_failure(f"error: {os_error_line(e)}")
+            return 1
         if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()):
             first = str(e).strip().splitlines()[0][:200]
             distributed.report_failure(f"error: out of memory ({first}); lower the model, batch or sequence sizes")

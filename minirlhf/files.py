@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 
 LOCK_FILE = ".minirlhf.lock"
@@ -76,6 +77,42 @@ def write_json(path, obj, indent: int | None = 1, **dumps_kw) -> None:
     fsync(path.parent)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISREG, "a regular file"))
+
+
+def kind_of(mode: int) -> str:
+    """What an st_mode says a path is, as a phrase for messages: "a regular file", "a directory",
+    "a symbolic link", "a FIFO (named pipe)", "a socket", "a character device", "a block device"."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def file_kind(path, follow: bool = True) -> str | None:
+    """kind_of(path's mode), or None when nothing is there. follow=False: a symbolic link is one
+    (lstat); follow=True: its target is (stat), and a link to nothing is "a symbolic link to
+    nothing". Other OSErrors (no permission on the directory) propagate."""
+    try:
+        return kind_of((os.stat if follow else os.lstat)(path).st_mode)
+    except FileNotFoundError:
+        if follow and os.path.islink(path):
+            return "a symbolic link to nothing"
+        return None
+
+
+def _not_a_lock(directory: Path, option: str, kind: str) -> ValueError:
+    return ValueError(f"{option} {directory}: {Path(directory) / LOCK_FILE} is {kind}, not the lock file minirlhf "
+                      f"keeps there; move it away, or use another {option}")
+
+
+def check_lock_path(directory, option: str = "--out") -> None:
+    """ValueError in one line when DIRECTORY/.minirlhf.lock is there and is not a regular file
+    (a directory, a symbolic link, a FIFO, ...): DirLock would fail on it, or hang on a FIFO."""
+    kind = file_kind(Path(directory) / LOCK_FILE, follow=False)
+    if kind not in (None, "a regular file"):
+        raise _not_a_lock(Path(directory), option, kind)
+
+
 class DirLock:
     """An exclusive lock on a directory a command writes into (`train --out`, a stage's --out,
     `experiment --out`): flock(2) on DIR/.minirlhf.lock, held until release() or the process
@@ -84,7 +121,9 @@ class DirLock:
     acquire() raises ValueError in one line when another process holds it: two runs writing
     the same checkpoints, metrics and summaries at once would each spoil the other's results.
     The lock file keeps the holder's pid, for the message; it is left in place (removing it
-    would let a third process lock a new file while the second still holds the old one)."""
+    would let a third process lock a new file while the second still holds the old one).
+    A lock path that is not a regular file (a directory, a symbolic link, a FIFO, ...) is refused
+    with a ValueError in one line too: nothing there is minirlhf's, so it is not removed."""
 
     def __init__(self, directory, option: str = "--out"):
         self.directory, self.option = Path(directory), option
@@ -92,7 +131,16 @@ class DirLock:
 
     def acquire(self) -> None:
         path = self.directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        check_lock_path(self.directory, self.option)
+        try:  # O_NOFOLLOW, O_NONBLOCK and the fstat: what was swapped in since the lstat is refused too, unopened
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError:
+            check_lock_path(self.directory, self.option)
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise _not_a_lock(self.directory, self.option, kind_of(mode))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

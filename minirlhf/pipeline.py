@@ -23,8 +23,8 @@ from .config import RunConfig
 from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
                    row_lines)
 from .device import resolve_device, seed_everything, use_all_cores
-from .files import read_json_object, write_json
-from .metrics import Metrics
+from .files import check_lock_path, file_kind, read_json_object, write_json
+from .metrics import METRICS_FILE, Metrics
 from .tokenizer import TOKENIZER_FILE, Tokenizer, token_stream
 
 PREFERENCES_FILE = "preferences.jsonl"
@@ -498,7 +498,7 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
     keys = stage_keys(cfg)
     check_inputs(cfg, inputs, tokenizer, stages + ("eval",))
     wall_path = run_dir / "wall_times.json"
-    wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
+    wall = _read_wall(wall_path)
     calls = stage_calls(cfg, run_dir, inputs, metrics, tokenizer)
     dirs = {"base": run_dir / "pretrain", "sft": run_dir / ("pretrain" if cfg.skip_sft else "sft"),
             "rm": run_dir / "rm", "preferences": run_dir / PREFERENCES_FILE}
@@ -532,6 +532,46 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
 def _write_wall(path: Path, wall: dict) -> None:
     """wall_times.json, replaced whole (the other ranks may be reading it as rank 0 passes finished stages)."""
     write_json(path, wall, indent=None)
+
+
+def _read_wall(path: Path) -> dict:
+    """wall_times.json ({stage: seconds}), or {} when there is none; ValueError in one line naming
+    the file when it is not a JSON object of numbers (files.read_json_object's messages)."""
+    if not path.exists():
+        return {}
+    wall = read_json_object(path)
+    for stage, seconds in wall.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ValueError(f"{path}: {stage}: expected a number of seconds, got {json.dumps(seconds)[:40]}")
+    return wall
+
+
+# What a run directory holds, by name: a stage's checkpoint is a directory, everything else a file
+RUN_DIRS = ("pretrain", "sft", "rm", "ppo")
+RUN_FILES = ("config.json", STAGES_FILE, "wall_times.json", METRICS_FILE, PREFERENCES_FILE,
+             PREFERENCES_FILE + ".partial", TOKENIZER_FILE, "summary.json", "report.md", "eval.json",
+             "gold_by_stage.png", "ppo_curves.png", "monitor.png")
+
+
+def check_run_files(run_dir, option: str = "--out") -> None:
+    """Before any compute: each name a run writes into run_dir is absent or of the kind it writes
+    (RUN_DIRS: a directory, and so are their `.tmp`/`.old` save siblings; RUN_FILES: a regular
+    file; the lock file: files.check_lock_path, the same line DirLock gives), so that no stage or report meets a
+    directory or a file in its way after the compute. A symbolic link counts as what it points to
+    (except the lock's). ValueError in one line: `PATH: a directory, where this run writes a
+    file; move it away or use another --out`."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return  # nothing in it yet (make_dir, before, says when the directory itself cannot be)
+    wanted = {**{n: "a directory" for d in RUN_DIRS for n in (d, d + ".tmp", d + ".old")},
+              **{n: "a regular file" for n in RUN_FILES}}
+    for name, want in wanted.items():
+        kind = file_kind(run_dir / name)
+        if kind is not None and kind != want:
+            what = "a directory (a stage's checkpoint)" if want == "a directory" else "a file"
+            raise ValueError(f"{run_dir / name}: {kind}, where this run writes {what}; move it away or use "
+                             f"another {option}")
+    check_lock_path(run_dir, option)
 
 
 def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=None, rm_dir=None) -> Path:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ...files import give_usual_mode, json_error
+from ...files import give_usual_mode, json_error, kind_of
 
 GZIP_MAGIC = b"\x1f\x8b"
 # byte order marks of encodings that are not UTF-8, longest first (UTF-32 LE's starts like UTF-16 LE's)
@@ -124,10 +125,21 @@ class Row:
 
 
 def _file_bytes(path: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
+    """The bytes of a data file, gunzipped. Only a regular file is read: a FIFO or a device would
+    hang or never end, and a reader reads its file more than once (row_lines, for messages)."""
+    try:  # O_NONBLOCK: opening a FIFO with no writer returns at once, and fstat refuses it unread
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise DataError(f"{path}:0: file: cannot read ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{path}:0: file: {kind_of(mode)}, not a regular file; give a file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read()
+        except OSError as e:
+            raise DataError(f"{path}:0: file: cannot read ({e.strerror or e})") from None
     if path.endswith(".gz") or data.startswith(GZIP_MAGIC):
         if not data.startswith(GZIP_MAGIC):
             raise DataError(f"{path}:0: file: not gzip data, although the name ends in .gz")
