@@ -245,6 +245,9 @@ def _run_dir(args, cfg: C.RunConfig) -> Path:
         raise ValueError(f"--out: an empty path; leave the option out for the default runs/{args.preset}")
     run_dir = Path(args.out or f"runs/{args.preset}")
     check_run_dir(run_dir)
+    from .pipeline import check_run_files
+
+    check_run_files(run_dir)  # what is in the way of the run's own files, found before any compute
     make_dir(run_dir, "--out")
     return run_dir
 

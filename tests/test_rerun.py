@@ -312,3 +312,15 @@ def test_an_out_that_is_not_a_run_directory_is_refused_and_left_alone(tiny_run, 
     if out:
         assert {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()} == before
     assert not (run / "extra").exists()
+
+
+def test_a_directory_where_the_run_writes_a_file_is_found_before_any_compute(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    (run / "summary.json").unlink()
+    (run / "summary.json").mkdir()  # the report would only find it after every stage and the evaluation
+    (run / "ppo").rename(tmp_path / "ppo-moved")  # so that PPO would have to run first
+    assert main(["train", "--preset", "tiny", "--out", str(run)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: {run / 'summary.json'}: a directory, where this run writes a file"), line
+    assert not (run / "ppo").exists()
