@@ -257,9 +257,13 @@ RUN_CONFIG_KEYS = {"seed", "model", "pretrain", "sft", "rm", "ppo"}  # a run's c
 
 def _is_run_dir(d: Path) -> bool:
     """d holds a minirlhf run: its lock file, stages.json or metrics.jsonl (what pipeline.run_train
-    writes when called from Python), or a config.json that is a run's configuration."""
+    writes when called from Python), a stage's checkpoint in its place, or a config.json that is a
+    run's configuration."""
     if any((d / name).exists() for name in (LOCK_FILE, "stages.json", "metrics.jsonl")):
         return True
+    if any((d / stage / "config.json").is_file() and (d / stage / "model.safetensors").is_file()
+           for stage in ("pretrain", "sft", "rm", "ppo")):
+        return True  # a stage's checkpoint where a run keeps it (a run assembled from another's stages)
     try:
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
