@@ -16,7 +16,7 @@ from pathlib import Path
 from . import config as C
 from . import distributed
 from .checkpoint import NonFiniteError
-from .files import LOCK_FILE, DirLock, write_json
+from .files import LOCK_FILE, DirLock, write_atomic, write_json
 from .loop import StageStopped
 
 COMMANDS = {
@@ -373,6 +373,7 @@ def cmd_stages(args) -> int:
     run_dir = _run_dir(args, cfg)
     lock = DirLock(run_dir)  # one run at a time writes into a run directory
     distributed.on_main(lock.acquire)
+    before = _snapshot(run_dir)
     try:
         _announce(cfg, run_dir)
         if args.command == "train":
@@ -382,9 +383,40 @@ def cmd_stages(args) -> int:
         else:
             pipeline.run_one_stage(args.command, cfg, run_dir, resume=args.resume,
                                    from_dir=getattr(args, "from_dir", None), rm_dir=getattr(args, "rm_dir", None))
+    except ValueError:  # refused: the run directory is left as it was found, when nothing else was written
+        if distributed.is_main():
+            _restore(run_dir, before)
+        raise
     finally:
         lock.release()
     return 0
+
+
+def _snapshot(run_dir: Path) -> tuple[set, bytes | None]:
+    """(the names in run_dir, its config.json's bytes or None), before a command writes there."""
+    names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
+    config = run_dir / "config.json"
+    return names, config.read_bytes() if config.is_file() else None
+
+
+def _restore(run_dir: Path, before: tuple[set, bytes | None]) -> None:
+    """Undo what a refused command wrote before its refusal (config.json; the directory itself
+    when the command made it), unless it also wrote anything else (a stage that ran is kept)."""
+    names, config = before
+    if {p.name for p in run_dir.iterdir()} - {LOCK_FILE, "config.json"} - names:
+        return
+    if config is not None:
+        path = run_dir / "config.json"
+        if not path.is_file() or path.read_bytes() != config:
+            write_atomic(path, config)
+    else:
+        (run_dir / "config.json").unlink(missing_ok=True)
+        if not names:  # a directory this command made: gone again
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
 
 
 def os_error_line(e: OSError) -> str:

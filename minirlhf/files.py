@@ -59,16 +59,21 @@ def json_error(e: Exception) -> str:
 
 
 def write_json(path, obj, indent: int | None = 1, **dumps_kw) -> None:
-    """obj as JSON into path, atomically (temp file, fsync, rename, fsync the directory).
+    """obj as JSON into path, atomically (write_atomic).
 
     dumps_kw go to json.dumps (sort_keys, ensure_ascii, ...). Raises what json.dumps raises
     (TypeError for an object JSON cannot hold) before anything is written, and OSError from the
     file system (the temp file is removed then)."""
+    write_atomic(path, json.dumps(obj, indent=indent, **dumps_kw).encode("utf-8"))
+
+
+def write_atomic(path, data: bytes) -> None:
+    """data into path: temp file beside it, fsync, rename over path, fsync the directory; OSError
+    from the file system (the temp file is removed then, path is as it was)."""
     path = Path(path)
-    text = json.dumps(obj, indent=indent, **dumps_kw)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         fsync(tmp)
         tmp.replace(path)
     except BaseException:

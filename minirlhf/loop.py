@@ -124,8 +124,8 @@ def loop(stage: str, step: int, total: int, train_step: Callable[[int], dict], s
     would be marked finished as a shorter run than it is)."""
     if step > total:
         raise ValueError(f"{stage}: its checkpoint is at step {step}, past the {total} steps this run asks for "
-                         f"({_TOTAL_OPTION.get(stage, 'its length options')}); resume with at least {step}, or delete "
-                         f"the stage's checkpoint to start it over")
+                         f"(set by {_TOTAL_OPTION.get(stage, 'its length options')}); resume with a value that gives "
+                         f"at least {step} steps, or delete the stage's checkpoint to start it over")
     metrics.log(stage, step, event="start")
     bar = progress(total, stage, initial=step)
     saved = step or None  # the step of the checkpoint on disk (a resumed stage started from one)

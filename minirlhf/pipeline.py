@@ -377,11 +377,15 @@ def stage_calls(cfg: RunConfig, run_dir: Path, inputs: Inputs, metrics: Metrics,
 STAGE_FIELDS = {
     "pretrain": ("seed", "device", "init_from", "model", "task", "data.corpus", "data.corpus_heldout", "pretrain"),
     "sft": ("skip_sft", "data.sft", "sft"),
-    "rankings": ("rm", "data.rm_prompts", "data.preferences"),
-    "rm": (),
+    "rankings": ("rm.k", "rm.temperature", "rm.max_new_tokens", "rm.sample_batch_size", "data.rm_prompts",
+                 "data.preferences"),
+    "rm": ("rm",),
     "ppo": ("ppo", "data.ppo_prompts", "data.eval_prompts"),
 }
 STAGES_FILE = "stages.json"  # stage -> the key of the configuration its finished output was made with
+# what a --resume may change in a stage's options: its learning rates, how often it saves and evaluates
+RESUME_MAY_CHANGE = {"pretrain.lr", "sft.lr", "rm.lr", "ppo.lr", "ppo.critic_lr", "pretrain.save_every",
+                     "sft.save_every", "rm.save_every", "ppo.save_every", "ppo.eval_every"}
 
 
 def stage_keys(cfg: RunConfig, fields: dict = STAGE_FIELDS) -> dict[str, dict]:
@@ -405,14 +409,29 @@ def stages_of(cfg: RunConfig) -> tuple[str, ...]:
                  and not (s == "rankings" and cfg.data.preferences) and not (s == "pretrain" and cfg.init_from))
 
 
-def _first_difference(recorded: dict, wanted: dict) -> str:
-    """`field=old` -> `new` of the first config value that differs (flattening sections)."""
-    for f in sorted(set(recorded) | set(wanted)):
-        a, b = recorded.get(f), wanted.get(f)
+def _flatten(key: dict) -> dict:
+    """{"section.field": value} of a stage key whose values may be whole sections."""
+    out = {}
+    for f, v in key.items():
+        if isinstance(v, dict):
+            out.update({f"{f}.{k}": vv for k, vv in v.items()})
+        else:
+            out[f] = v
+    return out
+
+
+def _first_difference(recorded: dict, wanted: dict, ignore=frozenset()) -> str:
+    """`field=old, this run asks for new` of the first config value that differs ('' when none
+    does), fields in `ignore` left out; an input checkpoint (inputs.--from) given on one side only
+    is told as what made the stage: `train` (no input option) or a stage command."""
+    a_, b_ = _flatten(recorded), _flatten(wanted)
+    for f in sorted((set(a_) | set(b_)) - set(ignore)):
+        a, b = a_.get(f), b_.get(f)
         if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                k = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-                return f"{f}.{k}={a.get(k)!r}, this run asks for {b.get(k)!r}"
+            if f.startswith("inputs.") and (a is None or b is None):
+                opt = f.removeprefix("inputs.")
+                return (f"`train` (no {opt}), this run asks for {opt} {b}" if a is None else
+                        f"{opt} {a} (a stage command), this run is `train` (no {opt})")
             return f"{f}={a!r}, this run asks for {b!r}"
     return ""
 
@@ -431,25 +450,56 @@ def _state(name: str, out: Path) -> tuple[bool, str | None]:
     return False, (f"{out} (step {checkpoint.read_meta(out)['step']})" if checkpoint.exists(out) else None)
 
 
-def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, wall: dict,
-              key: dict | None = None):
-    """Run one stage unless it already finished; refuse to silently restart a killed one, and to
-    keep a finished one made with another configuration (key: stage_keys(cfg)[name], recorded in
-    the run directory's stages.json when the stage finishes)."""
+def check_stage(name: str, out: Path, resume: bool, key: dict | None = None) -> tuple[bool, str | None]:
+    """(finished, description of an unfinished output or None) of a stage's output, after the
+    checks that refuse (ValueError, one line): a finished output made with another configuration
+    than `key` (stages.json's record of it), an unfinished one without --resume, or a resume with
+    other options than the ones it started with (RESUME_MAY_CHANGE aside)."""
     finished, unfinished = _state(name, out)
     keys_path = out.parent / STAGES_FILE
     recorded = read_json_object(keys_path) if key is not None and keys_path.exists() else {}
+    if finished and key is not None and name in recorded and recorded[name] != key:
+        raise ValueError(f"{out}: made with {_first_difference(recorded[name], key)}; use another --out, or "
+                         f"delete {out} (and the stages after it) to redo it")
+    if not finished and unfinished and not resume:
+        raise ValueError(f"{unfinished}: unfinished {name} output; rerun with --resume to continue it, or "
+                         f"delete it to start the stage over")
+    if not finished and unfinished and key is not None and name in recorded:  # a resume continues what it started
+        changed = _first_difference(recorded[name], key, ignore=RESUME_MAY_CHANGE)
+        if changed:
+            raise ValueError(f"{unfinished}: started with {changed}; resume with the options it started with (only "
+                             f"learning rates, save_every and eval_every may change), or delete it to start over")
+    return finished, unfinished
+
+
+def check_stages(run_dir: Path, stages: tuple[str, ...], keys: dict, resume: bool) -> None:
+    """check_stage for every stage of a run before any of them computes, and: a finished stage
+    after one that has to run (missing or unfinished) was made from another output than the one
+    that run will make, so it is refused too."""
+    must_run = None
+    for name in stages:
+        out = stage_output(name, run_dir)
+        finished, _ = check_stage(name, out, resume, keys.get(name))
+        if finished and must_run is not None:
+            raise ValueError(f"{out}: made from the {must_run} output that has to run again now; delete {out} "
+                             f"(and the stages after it) too, or restore the {must_run}")
+        if not finished and must_run is None:
+            must_run = name
+
+
+def run_stage(name: str, out: Path, call: Callable[[bool], Path], resume: bool, wall: dict,
+              key: dict | None = None):
+    """Run one stage unless it already finished (check_stage's refusals first); its key
+    (stage_keys(cfg)[name]) is recorded in the run directory's stages.json before it runs and
+    again when it finishes."""
+    finished, unfinished = check_stage(name, out, resume, key)
+    keys_path = out.parent / STAGES_FILE
     if finished:
-        if key is not None and name in recorded and recorded[name] != key:
-            raise ValueError(f"{out}: made with {_first_difference(recorded[name], key)}; use another --out, or "
-                             f"delete {out} (and the stages after it) to redo it")
         print(f"[{name}] finished earlier, kept: {out}")
+        recorded = read_json_object(keys_path) if key is not None and keys_path.exists() else {}
         if key is not None and name not in recorded:  # a stage an experiment linked in from another arm
             _record_key(keys_path, name, key)
         return
-    if unfinished and not resume:
-        raise ValueError(f"{unfinished}: unfinished {name} output; rerun with --resume to continue it, or "
-                         f"delete it to start the stage over")
     distributed.barrier()  # every rank has looked at the output before rank 0 writes to it
     if key is not None:  # before the stage runs, so that no finished stage is ever without its record
         _record_key(keys_path, name, key)
@@ -504,6 +554,7 @@ def run_train(cfg: RunConfig, run_dir, resume: bool = False) -> dict:
             "rm": run_dir / "rm", "preferences": run_dir / PREFERENCES_FILE}
     if cfg.skip_sft:
         print("[sft] skipped (--skip-sft): the base model is the policy init and the KL reference")
+    check_stages(run_dir, stages, keys, resume)  # every refusal before the first stage computes
     for name in stages:
         run_stage(name, stage_output(name, run_dir), lambda r, name=name: calls[name](dirs, r), resume, wall,
                   key=keys[name])
@@ -609,6 +660,7 @@ def run_one_stage(name: str, cfg: RunConfig, run_dir, *, resume: bool, from_dir=
     calls = stage_calls(cfg, run_dir, inputs, metrics, tokenizer)
     dirs = {"base": from_dir, "sft": from_dir, "rm": rm_dir, "preferences": run_dir / PREFERENCES_FILE}
     keys = command_keys(cfg, stages, {"--from": from_dir, "--rm": rm_dir})
+    check_stages(run_dir, stages, keys, resume)
     wall: dict = {}
     for s in stages:
         run_stage(s, stage_output(s, run_dir), lambda r, s=s: calls[s](dirs, r), resume, wall, key=keys[s])
@@ -622,11 +674,13 @@ def command_keys(cfg: RunConfig, stages: tuple[str, ...], inputs: dict) -> dict[
     input). A rerun into the same --out with another --from, --rm or option is refused like train's."""
     fields = {s: () for s in ORDER}
     for i, s in enumerate(stages):
-        own = STAGE_FIELDS["rankings"] if s == "rm" else STAGE_FIELDS[s]  # rm reads the rankings' fields
+        own = (STAGE_FIELDS["rankings"] if s == "rm" and i == 0 else ()) + STAGE_FIELDS[s]  # preferences given
         fields[s] = STAGE_FIELDS[s] if s == "pretrain" else (
             ("seed", "device", "init_from", "model") if i == 0 else ()) + own
-    given = {label: f"{Path(d).resolve()} (save {checkpoint.save_id(d)})" for label, d in inputs.items()
-             if d is not None}
+    # a checkpoint is its save (a copied run directory's own checkpoints are still its inputs); by path when
+    # it has no save id (written before ids existed)
+    given = {label: f"save {checkpoint.save_id(d)}" if checkpoint.save_id(d) else str(Path(d).resolve())
+             for label, d in inputs.items() if d is not None}
     return {s: {**k, **({"inputs": given} if given else {})} for s, k in stage_keys(cfg, fields).items()}
 
 

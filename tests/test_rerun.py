@@ -256,19 +256,18 @@ def test_a_stage_command_rerun_with_another_input_or_option_is_refused(tiny_run,
     assert main(["sft", "--preset", "tiny", "--from", str(run / "pretrain"), "--out", str(out),
                  "--sft.lr", "0.01"]) == 2
     assert "sft: made with sft.lr=0.001, this run asks for 0.01; use another --out" in _one_line(capsys)
-    other = tmp_path / "other_base"
+    other = tmp_path / "other_base"  # a copy is the same save: the same input
     shutil.copytree(run / "pretrain", other)
+    assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 0
+    assert f"[sft] finished earlier, kept: {out / 'sft'}" in capsys.readouterr().out
+    model, tok = checkpoint.load_model_from(other), checkpoint.load_tokenizer(other)
+    checkpoint.save(other, stage="pretrain", model=model, tokenizer=tok, step=1, finished=True)  # retrained in place
     assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 2
     line = _one_line(capsys)
-    assert f"made with inputs.--from='{(run / 'pretrain').resolve()} (save " in line, line
-    assert f"this run asks for '{other.resolve()} (save " in line, line
-    model, tok = checkpoint.load_model_from(other), checkpoint.load_tokenizer(other)
-    shutil.rmtree(out)
-    assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 0
-    checkpoint.save(other, stage="pretrain", model=model, tokenizer=tok, step=1, finished=True)  # retrained in place
-    capsys.readouterr()
-    assert main(["sft", "--preset", "tiny", "--from", str(other), "--out", str(out)]) == 2
-    assert "made with inputs.--from=" in _one_line(capsys)
+    assert f"made with inputs.--from='save {checkpoint.save_id(run / 'pretrain')}', this run asks for " \
+           f"'save {checkpoint.save_id(other)}'" in line, line
+    assert main(["train", "--preset", "tiny", "--out", str(out)]) == 2  # and train on a stage command's directory
+    assert "made with --from save " in _one_line(capsys)
 
 
 def test_resuming_with_fewer_steps_than_the_checkpoint_took_is_refused(tmp_path, capsys, monkeypatch):
@@ -280,9 +279,9 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_took_is_refused(tmp_path,
     assert checkpoint.read_meta(out / "pretrain")["step"] == 10
     assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--pretrain.save_every", "10",
                  "--pretrain.steps", "5", "--resume"]) == 2
-    assert _one_line(capsys) == ("error: pretrain: its checkpoint is at step 10, past the 5 steps this run asks for "
-                                 "(--pretrain.steps); resume with at least 10, or delete the stage's checkpoint to "
-                                 "start it over")
+    assert _one_line(capsys) == (f"error: {out / 'pretrain'} (step 10): started with pretrain.steps=20, this run "
+                                 f"asks for 5; resume with the options it started with (only learning rates, "
+                                 f"save_every and eval_every may change), or delete it to start over")
     assert not checkpoint.read_meta(out / "pretrain")["finished"]
 
 
@@ -324,3 +323,42 @@ def test_a_directory_where_the_run_writes_a_file_is_found_before_any_compute(tin
     line = _one_line(capsys)
     assert line.startswith(f"error: {run / 'summary.json'}: a directory, where this run writes a file"), line
     assert not (run / "ppo").exists()
+
+
+def test_a_refused_rerun_leaves_the_run_directory_as_it_was(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    (run / "config.json").write_text('{"seed": 0}')  # stands for the run's own config.json
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".minirlhf.lock"}
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--ppo.lr", "0.5"]) == 2
+    assert "made with ppo.lr=" in _one_line(capsys)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".minirlhf.lock"}
+    assert after == before
+    assert main(["sft", "--preset", "tiny", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # a directory the refused command made is gone again
+
+
+def test_a_stage_that_has_to_run_again_refuses_the_stages_made_from_the_old_one(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    shutil.rmtree(run / "sft")
+    assert main(["train", "--preset", "tiny", "--out", str(run)]) == 2
+    assert _one_line(capsys) == (f"error: {run / 'preferences.jsonl'}: made from the sft output that has to run again "
+                                 f"now; delete {run / 'preferences.jsonl'} (and the stages after it) too, or restore "
+                                 f"the sft")
+    assert not (run / "sft").exists()  # refused before anything computed
+
+
+def test_resume_keeps_the_options_it_started_with_but_a_learning_rate(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p"
+    monkeypatch.setenv("MINIRLHF_FAIL_AT", "pretrain:10")
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--pretrain.save_every", "10"]) == 1
+    monkeypatch.delenv("MINIRLHF_FAIL_AT")
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--pretrain.save_every", "10", "--resume",
+                 "--model.dim", "64"]) == 2
+    assert "started with model.dim=32, this run asks for 64; resume with the options it started with" \
+        in _one_line(capsys)
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--pretrain.save_every", "10", "--resume",
+                 "--pretrain.lr", "0.001"]) == 0
+    assert checkpoint.is_finished(out / "pretrain")

@@ -20,7 +20,8 @@ def changed(a, b):
 def test_stage_keys_follow_what_each_stage_reads():
     assert changed(TINY, replace(TINY, ppo={"kl_coef": 0.0})) == ["ppo"]
     assert changed(TINY, replace(TINY, eval={"temperature": 0.5})) == ["ppo"]
-    assert changed(TINY, replace(TINY, rm={"lr": 1e-3})) == ["rankings", "rm", "ppo"]
+    assert changed(TINY, replace(TINY, rm={"lr": 1e-3})) == ["rm", "ppo"]  # the rankings do not read it
+    assert changed(TINY, replace(TINY, rm={"k": TINY.rm.k + 1})) == ["rankings", "rm", "ppo"]
     assert changed(TINY, replace(TINY, sft={"samples": 3})) == ["sft", "rankings", "rm", "ppo"]
     assert changed(TINY, replace(TINY, skip_sft=True)) == ["sft", "rankings", "rm", "ppo"]
     assert changed(TINY, replace(TINY, data={"preferences": "x.jsonl"})) == ["rankings", "rm", "ppo"]
