@@ -104,17 +104,17 @@ def save_id(path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _is_checkpoint(p: Path) -> bool:
+def is_checkpoint(p: Path) -> bool:
     """A stage directory: its config.json and its model (a run directory has a config.json too)."""
     return (p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file()
 
 
 def _resolve(path) -> Path | None:
     path = Path(path)
-    if _is_checkpoint(path):
+    if is_checkpoint(path):
         return path
     old = path.with_name(path.name + ".old")
-    return old if _is_checkpoint(old) else None
+    return old if is_checkpoint(old) else None
 
 
 def exists(path) -> bool:
@@ -124,7 +124,7 @@ def exists(path) -> bool:
 def read_meta(path) -> dict:
     p = _resolve(path)
     if p is None:
-        stages = sorted(d.name for d in Path(path).iterdir() if _is_checkpoint(d)) if Path(path).is_dir() else []
+        stages = sorted(d.name for d in Path(path).iterdir() if is_checkpoint(d)) if Path(path).is_dir() else []
         if stages:
             raise ValueError(f"{path}: a run directory, not a stage's checkpoint; its stages: "
                              + ", ".join(f"{path}/{s}" for s in stages))

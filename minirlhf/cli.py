@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -244,52 +243,12 @@ def _run_dir(args, cfg: C.RunConfig) -> Path:
     if args.out is not None and not args.out.strip():
         raise ValueError(f"--out: an empty path; leave the option out for the default runs/{args.preset}")
     run_dir = Path(args.out or f"runs/{args.preset}")
-    check_run_dir(run_dir)
-    from .pipeline import check_run_files
+    from .pipeline import check_run_dir, check_run_files
 
+    check_run_dir(run_dir)  # new, empty, or a run's: never a checkpoint, inside a run, or the user's own files
     check_run_files(run_dir)  # what is in the way of the run's own files, found before any compute
     make_dir(run_dir, "--out")
     return run_dir
-
-
-RUN_CONFIG_KEYS = {"seed", "model", "pretrain", "sft", "rm", "ppo"}  # a run's config.json (config.to_dict)
-
-
-def _is_run_dir(d: Path) -> bool:
-    """d holds a minirlhf run: its lock file, stages.json or metrics.jsonl (what pipeline.run_train
-    writes when called from Python), a stage's checkpoint in its place, or a config.json that is a
-    run's configuration."""
-    if any((d / name).exists() for name in (LOCK_FILE, "stages.json", "metrics.jsonl")):
-        return True
-    if any((d / stage / "config.json").is_file() and (d / stage / "model.safetensors").is_file()
-           for stage in ("pretrain", "sft", "rm", "ppo")):
-        return True  # a stage's checkpoint where a run keeps it (a run assembled from another's stages)
-    try:
-        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and RUN_CONFIG_KEYS <= set(cfg) and "stage" not in cfg
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """ValueError (one line) unless --out is new, empty, or a run directory minirlhf wrote: never a
-    stage's checkpoint or a directory inside a run (its files would be overwritten or broken), nor
-    a directory of the user's own files (config.json, report.md, ... would be replaced)."""
-    if any(_is_run_dir(p) for p in run_dir.resolve().parents):
-        parent = next(p for p in run_dir.resolve().parents if _is_run_dir(p))
-        raise ValueError(f"--out {run_dir}: inside the run directory {parent}; give that run directory, or one "
-                         f"outside it")
-    if not run_dir.is_dir():
-        return  # new (make_dir says why when it cannot be made)
-    if (run_dir / "config.json").is_file() and (run_dir / "model.safetensors").exists():
-        raise ValueError(f"--out {run_dir}: a stage's checkpoint, not a run directory; give a new directory (a stage "
-                         f"command's input checkpoint goes to --from)")
-    if _is_run_dir(run_dir):
-        return
-    theirs = sorted(p.name for p in run_dir.iterdir())
-    if theirs:
-        raise ValueError(f"--out {run_dir}: holds files minirlhf did not write ({', '.join(theirs[:3])}"
-                         f"{', ...' if len(theirs) > 3 else ''}); give a new or empty directory")
 
 
 def make_dir(path: Path, option: str) -> None:

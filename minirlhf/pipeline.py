@@ -23,7 +23,7 @@ from .config import RunConfig
 from .data import (Comparison, Task, build_task, read_corpus, read_preferences, read_prompts, read_sft,
                    row_lines)
 from .device import resolve_device, seed_everything, use_all_cores
-from .files import check_lock_path, file_kind, read_json_object, write_json
+from .files import LOCK_FILE, check_lock_path, file_kind, read_json_object, write_json
 from .metrics import METRICS_FILE, Metrics
 from .tokenizer import TOKENIZER_FILE, Tokenizer, token_stream
 
@@ -602,6 +602,45 @@ RUN_DIRS = ("pretrain", "sft", "rm", "ppo")
 RUN_FILES = ("config.json", STAGES_FILE, "wall_times.json", METRICS_FILE, PREFERENCES_FILE,
              PREFERENCES_FILE + ".partial", TOKENIZER_FILE, "summary.json", "report.md", "eval.json",
              "gold_by_stage.png", "ppo_curves.png", "monitor.png")
+
+
+RUN_CONFIG_KEYS = {"seed", "model", "pretrain", "sft", "rm", "ppo"}  # a run's config.json (config.to_dict)
+
+
+def is_run_dir(d: Path) -> bool:
+    """d holds a minirlhf run: its lock file, stages.json or metrics.jsonl (what run_train writes
+    when called from Python), a stage's checkpoint in its place, or a config.json that is a run's
+    configuration."""
+    if any((d / name).exists() for name in (LOCK_FILE, STAGES_FILE, METRICS_FILE)):
+        return True
+    if any(checkpoint.is_checkpoint(d / stage) for stage in RUN_DIRS):
+        return True  # a stage's checkpoint where a run keeps it (a run assembled from another's stages)
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and RUN_CONFIG_KEYS <= set(cfg) and "stage" not in cfg
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """ValueError (one line) unless --out is new, empty, or a run directory minirlhf wrote: never a
+    stage's checkpoint or a directory inside a run (its files would be overwritten or broken), nor
+    a directory of the user's own files (config.json, report.md, ... would be replaced)."""
+    parent = next((p for p in run_dir.resolve().parents if is_run_dir(p)), None)
+    if parent is not None:
+        raise ValueError(f"--out {run_dir}: inside the run directory {parent}; give that run directory, or one "
+                         f"outside it")
+    if not run_dir.is_dir():
+        return  # new (make_dir says why when it cannot be made)
+    if checkpoint.is_checkpoint(run_dir):
+        raise ValueError(f"--out {run_dir}: a stage's checkpoint, not a run directory; give a new directory (a stage "
+                         f"command's input checkpoint goes to --from)")
+    if is_run_dir(run_dir):
+        return
+    theirs = sorted(p.name for p in run_dir.iterdir())
+    if theirs:
+        raise ValueError(f"--out {run_dir}: holds files minirlhf did not write ({', '.join(theirs[:3])}"
+                         f"{', ...' if len(theirs) > 3 else ''}); give a new or empty directory")
 
 
 def check_run_files(run_dir, option: str = "--out") -> None:
